@@ -1,0 +1,25 @@
+"""Typed exceptions raised at the model side's trust boundaries."""
+
+
+class ModelLoadError(Exception):
+    """A model folder is missing, broken or unsupported; the message names the file or tensor."""
+
+
+class TemplateError(Exception):
+    """A chat template failed to render or tried to leave its sandbox."""
+
+
+class RequestRejected(ValueError):
+    """The engine refuses a request before admission (it can never fit, bad parameter)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are already waiting."""
+
+
+class EngineError(RuntimeError):
+    """A step failed for this request; the engine keeps serving the others."""

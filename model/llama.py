@@ -1,0 +1,275 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a flat batch of tokens.
+
+Weights keep Hugging Face names except two fusions made at load time (see weights.py):
+`self_attn.qkv_proj` = q_proj|k_proj|v_proj rows, `mlp.gate_up_proj` = gate_proj|up_proj rows.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import AttentionMetadata, TorchAttentionBackend, get_attention_backend
+from model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Half precision: normalise in fp32, round, then scale, as the reference does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] (fp32), incl. "linear" and "llama3" scaling, computed
+    exactly as transformers' rope init functions do."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    assert scaling["rope_type"] == "llama3", scaling
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are divided by factor, short ones kept, the band between interpolated.
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed, inv_freq_llama)
+
+
+def rope_cos_sin_cache(config: ModelConfig) -> torch.Tensor:
+    """[max_position_embeddings, head_dim] fp32: cos in the first half, sin in the second."""
+    inv_freq = rope_inv_freq(config)
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.int64).float()
+    freqs = positions[:, None] * inv_freq[None, :]  # (P, hd/2)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: [T, heads, hd]; cos/sin: [T, 1, hd/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: TorchAttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.attn_backend = attn_backend
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = F.linear(hidden, self.qkv_proj.weight, self.qkv_proj.bias)
+        if self.qk_norm:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rope(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos, sin)
+            k = apply_rope(
+                self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos, sin
+            )
+        else:
+            # q and k are adjacent in qkv: rotate both with one set of ops.
+            qk = qkv[:, : self.q_size + self.kv_size]
+            qk = apply_rope(
+                qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin
+            )
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, self.q_size + self.kv_size :]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        return F.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight, self.o_proj.bias)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(x, self.gate_up_proj.weight)  # (T, 2 * intermediate)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: TorchAttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, attn_backend)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(
+            self.input_layernorm(hidden), cos, sin, k_cache, v_cache, meta
+        )
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: TorchAttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, attn_backend) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only transformer over a flat batch; serves Llama, Mistral, Qwen2, Qwen3."""
+
+    def __init__(
+        self, config: ModelConfig, attn_backend: TorchAttentionBackend | str = "torch"
+    ) -> None:
+        super().__init__()
+        if isinstance(attn_backend, str):
+            attn_backend = get_attention_backend(attn_backend)
+        self.config = config
+        self.attn_backend = attn_backend
+        self.model = LlamaModel(config, attn_backend)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        # (P, hd) cos|sin table; rebuilt by init_rope_cache() after materialising the module.
+        self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+
+    def init_rope_cache(self) -> None:
+        """(Re)compute the RoPE table on the module's device, in the module's dtype."""
+        weight = self.model.embed_tokens.weight
+        table = rope_cos_sin_cache(self.config).to(device=weight.device, dtype=weight.dtype)
+        self.cos_sin_cache = table
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden_size] (after the final norm).
+
+        kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] or None (then
+        every sequence in `meta` must be a whole prompt, nothing cached).
+        """
+        assert self.cos_sin_cache.numel(), "call init_rope_cache() (load_model does) first"
+        hidden = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, H)
+        cos_sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1)  # (T, 1, hd)
+        cos, sin = cos_sin.chunk(2, dim=-1)  # (T, 1, hd/2) each
+        for i, layer in enumerate(self.model.layers):
+            if kv_cache is None:
+                hidden = layer(hidden, cos, sin, None, None, meta)
+            else:
+                hidden = layer(hidden, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+        return self.model.norm(hidden)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden_size] (rows that sample) -> logits [N, vocab] float32."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
+    """torch dtype from a dtype or a name; "auto" = fp32 on CPU, bf16 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+    }
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
+    return names[dtype]
+
+
+def load_model(
+    model_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    attn_backend: TorchAttentionBackend | str = "torch",
+) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Build the model for `model_dir` and load its safetensors; raises ModelLoadError.
+
+    The module is created on the meta device and materialised once on `device`, so each weight
+    is written exactly once. Returns the model in eval mode.
+    """
+    from model.weights import load_weights
+
+    config = ModelConfig.from_dir(model_dir)
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, attn_backend)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    load_weights(model, model_dir)
+    model.init_rope_cache()
+    model.eval()
+    model.requires_grad_(False)
+    return model, config
