@@ -1,14 +1,19 @@
 """HTTP core benchmark: nanoserve's server vs the same endpoints in FastAPI + uvicorn.
 
-    python -m bench.http_bench [--duration 5] [--connections 32] [--streams 256] [--events 200]
+    python -m bench.http_bench [--duration 5] [--repeat 3] [--connections 32] [--streams 256]
+                               [--events 200] [--no-pin]
 
-Both servers run in subprocesses, one after the other, pinned to one CPU while this
-process (the load client: raw asyncio sockets, uvloop) is pinned to another.
+Both servers (uvloop, access log off) run in subprocesses, one after the other and
+interleaved over --repeat rounds, pinned to one CPU while this process (the load client:
+raw asyncio sockets, uvloop) is pinned to another (--no-pin to let the OS place them).
   (a) GET /v1/models requests/s over N keep-alive connections, one request in flight each.
   (b) SSE events/s delivered to M concurrent streams; each stream is GET /v1/stream, a fake
       token source yielding --events chunk events (one per event-loop tick) then [DONE];
       a finished stream's connection immediately asks for the next stream.
-Each figure follows a 1 s warm-up; the report prints both figures and ours / fastapi.
+Each figure follows a 1 s warm-up. Besides throughput it reports the server's CPU time
+per request / event (from /proc), which is steadier than throughput on a shared machine.
+The clients check every response (status 200, events per stream), so a server that
+answers differently cannot win.
 """
 
 from __future__ import annotations
@@ -108,7 +113,10 @@ def serve_fastapi(port: int) -> None:
 
 
 class KeepAliveClient(asyncio.Protocol):
-    """Sends `request` again as soon as the previous Content-Length response is complete."""
+    """Sends `request` again as soon as the previous Content-Length response is complete.
+
+    counter = [responses, bad responses (not a 200)].
+    """
 
     def __init__(self, request: bytes, counter: list[int]) -> None:
         self.request = request
@@ -122,16 +130,14 @@ class KeepAliveClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer + data
-        while True:
-            head_end = buf.find(b"\r\n\r\n")
-            if head_end < 0:
-                break
-            lower = buf[:head_end].lower()
-            at = lower.find(b"content-length:")
-            length = int(lower[at + 15 : lower.find(b"\r\n", at)]) if at >= 0 else 0
+        while (head_end := buf.find(b"\r\n\r\n")) >= 0:
+            at = buf.find(b"content-length: ", 0, head_end)  # both servers send lower case
+            length = int(buf[at + 16 : buf.find(b"\r\n", at)]) if at >= 0 else 0
             end = head_end + 4 + length
             if len(buf) < end:
                 break
+            if not buf.startswith(b"HTTP/1.1 200 "):
+                self.counter[1] += 1
             buf = buf[end:]
             self.counter[0] += 1
             self.transport.write(self.request)
@@ -139,13 +145,18 @@ class KeepAliveClient(asyncio.Protocol):
 
 
 class StreamClient(asyncio.Protocol):
-    """Reads chunked SSE responses, counting `data: ` events, and starts the next stream."""
+    """Reads chunked SSE responses, counting `data: ` events, and starts the next stream.
+
+    counter = [events, streams with the wrong number of events].
+    """
 
     _END = b"\r\n0\r\n\r\n"
 
-    def __init__(self, request: bytes, counter: list[int]) -> None:
+    def __init__(self, request: bytes, counter: list[int], events_per_stream: int) -> None:
         self.request = request
         self.counter = counter
+        self.events_per_stream = events_per_stream
+        self.num_events = 0
         self.tail = b""
         self.transport = None
 
@@ -156,8 +167,13 @@ class StreamClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # The 7-byte tail is shorter than "data: " and the end marker, so nothing counts twice.
         view = self.tail + data
-        self.counter[0] += view.count(b"data: ")
+        num_events = view.count(b"data: ")
+        self.counter[0] += num_events
+        self.num_events += num_events
         if view.endswith(self._END):
+            if self.num_events != self.events_per_stream:
+                self.counter[1] += 1
+            self.num_events = 0
             self.tail = b""
             self.transport.write(self.request)
         else:
@@ -176,7 +192,7 @@ async def measure(
 ) -> tuple[float, float]:
     """(operations/s, server CPU microseconds per operation) over duration_s."""
     loop = asyncio.get_running_loop()
-    counter = [0]
+    counter = [0, 0]
     transports = []
     for _ in range(num_connections):
         transport, _ = await loop.create_connection(lambda: factory(counter), "127.0.0.1", port)
@@ -190,6 +206,8 @@ async def measure(
     for transport in transports:
         transport.abort()
     await asyncio.sleep(0.2)
+    if counter[1]:
+        raise RuntimeError(f"{counter[1]} wrong responses: the servers are not equivalent")
     return rate, cpu_us
 
 
@@ -238,7 +256,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, tuple[float, float
         )
         eps, eps_cpu = uvloop.run(
             measure(
-                lambda c: StreamClient(stream_request, c),
+                lambda c: StreamClient(stream_request, c, args.events + 1),
                 args.streams,
                 port,
                 args.duration,
@@ -266,7 +284,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--streams", type=int, default=256)
     parser.add_argument("--events", type=int, default=200, help="events per stream")
-    parser.add_argument("--repeat", type=int, default=2, help="interleaved rounds")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     parser.add_argument(
         "--no-pin", action="store_true", help="do not pin server and client to separate CPUs"
     )

@@ -1,7 +1,8 @@
 """One HTTP/1.1 connection: a thin asyncio.Protocol adapter around h11.Connection.
 
 Per-connection state (parser, deadline, flow control) lives on HTTPProtocol; per-request
-state (disconnect flag, callbacks, handler task, access-log figures) on a Cycle.
+state (disconnect flag, callbacks, handler task, access-log figures) on a Cycle
+(responder.py), which is also what the handler's Request holds.
 Phases of a connection:
     IDLE     waiting for a request head (keep-alive deadline, then header deadline)
     BODY     head parsed, reading the body (body-stall deadline)
@@ -72,12 +73,13 @@ class HTTPProtocol(asyncio.Protocol):
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = (str(peer[0]), int(peer[1]))
         server = self.server
-        if len(server.connections) >= self.config.max_connections:
+        is_over_limit = len(server.connections) >= self.config.max_connections
+        server.connections.add(self)  # refused ones too, so shutdown closes them
+        if is_over_limit:
             logger.warning("max_connections=%d reached, refusing", self.config.max_connections)
             transport.write(raw_error_response(503, "Too many connections, retry later"))
             self._linger_close()
             return
-        server.connections.add(self)
         transport.set_write_buffer_limits(high=self.config.write_high_water_bytes)
         self._set_deadline(self.config.header_timeout_s)
 

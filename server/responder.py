@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("nanoserve.http")
 
 INTERNAL_ERROR = HTTPError(500, "Internal server error")
+_LAST_CHUNK = b"0\r\n\r\n"
 
 
 class Cycle(RequestCycle):
@@ -108,13 +109,20 @@ async def run_cycle(proto: HTTPProtocol, cycle: Cycle) -> None:
         if not cycle.is_disconnected:
             logger.warning("request cancelled: %s %s", request.method, request.path)
             proto.close_now()
+    except Exception:
+        logger.exception("internal error answering %s %s", request.method, request.path)
+        proto.close_now()
     finally:
         proto.log_access(cycle)
         proto.server.tasks.discard(cycle.task)
 
 
 def send_error(proto: HTTPProtocol, cycle: Cycle, exc: HTTPError) -> None:
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers]
+    try:
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers]
+    except UnicodeEncodeError:
+        logger.exception("invalid header in %r", exc)
+        exc, headers = INTERNAL_ERROR, []
     send_response(proto, cycle, exc.status, b"application/json", exc.body(), headers)
 
 
@@ -141,9 +149,6 @@ def send_response(
     proto.transport.write(data)
     cycle.status = status
     cycle.num_bytes_sent = len(body)
-
-
-_LAST_CHUNK = b"0\r\n\r\n"
 
 
 class Pinger:
@@ -259,8 +264,9 @@ async def _write(
         data = encode(item)
         if not data:
             continue
-        num_bytes += len(data)
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if is_chunked else data)
+        chunk = b"%x\r\n%b\r\n" % (len(data), data) if is_chunked else data
+        transport.write(chunk)
+        num_bytes += len(chunk)
         cycle.num_bytes_sent = num_bytes
         if pinger is not None:
             pinger.last_write_at = loop.time()
@@ -284,22 +290,21 @@ async def _write_sse(
     dumps = orjson.dumps
     num_bytes = 0
     async for item in response.body_iterator:
+        # One-line events are framed (SSE + chunk) in one step; str formatting is the
+        # cheapest way in CPython, so ASCII text stays text until the final encode.
         kind = type(item)
-        if kind is str:
-            data = item.encode()
+        if kind is str and item.isascii() and "\n" not in item and "\r" not in item:
+            chunk = f"{len(item) + 8:x}\r\ndata: {item}\n\n\r\n".encode()
         elif kind is dict:
-            data = dumps(item)
-        elif kind is bytes:
-            data = item
-        else:
-            data = b""
-        if data and b"\n" not in data and b"\r" not in data:
-            num_bytes += len(data) + 8
-            transport.write(b"%x\r\ndata: %b\n\n\r\n" % (len(data) + 8, data))
+            data = dumps(item)  # orjson never emits a raw newline
+            chunk = b"%x\r\ndata: %b\n\n\r\n" % (len(data) + 8, data)
+        elif kind is bytes and b"\n" not in item and b"\r" not in item:
+            chunk = b"%x\r\ndata: %b\n\n\r\n" % (len(item) + 8, item)
         else:
             frame = encode_event(item)
-            num_bytes += len(frame)
-            transport.write(b"%x\r\n%b\r\n" % (len(frame), frame))
+            chunk = b"%x\r\n%b\r\n" % (len(frame), frame)
+        transport.write(chunk)
+        num_bytes += len(chunk)
         cycle.num_bytes_sent = num_bytes
         if pinger is not None:
             pinger.last_write_at = loop.time()

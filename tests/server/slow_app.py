@@ -2,6 +2,7 @@
 
 GET /slow?n=10&delay=0.05 streams n SSE events, one every `delay` seconds.
 GET /health answers {"ready": bool}: false until the (slow) startup hook finished.
+With --fail-startup the startup hook raises (the server must exit with code 1).
 Logs go to stderr; the port is in the "listening on http://127.0.0.1:PORT" line.
 """
 
@@ -37,6 +38,8 @@ def main() -> int:
 
     async def on_startup():
         await asyncio.sleep(0.3)  # e.g. loading a model; connections are accepted meanwhile
+        if "--fail-startup" in sys.argv:
+            raise RuntimeError("model folder is missing")
         state["ready"] = True
         logging.getLogger("slow_app").info("startup hook done")
 

@@ -277,7 +277,9 @@ def test_backpressure_pauses_the_stream_until_the_transport_drains():
 def test_100_continue_is_sent_only_when_the_body_is_awaited():
     async def main():
         _, proto, t = open_connection(simple_router())
-        head = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        head = (
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
         proto.data_received(head)
         assert t.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
         proto.data_received(b"hi")
@@ -486,8 +488,7 @@ def test_response_bytes_validation_and_framing():
 
 def test_stream_head_framing():
     assert stream_head(200, b"text/event-stream", [], True, True) == (
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-        b"transfer-encoding: chunked\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
     )
     assert stream_head(200, b"t", [(b"transfer-encoding", b"gzip")], True, False).endswith(
         b"content-type: t\r\nconnection: close\r\n\r\n"

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from server.errors import HTTPError
-from server.http import EventSourceResponse, JSONResponse, Response, StreamingResponse
+from server.http import (
+    EventSourceResponse,
+    JSONResponse,
+    Response,
+    ServerConfig,
+    StreamingResponse,
+    run_server,
+)
 from server.routing import Router
 from tests.server.helpers import Client, ServerThread, fast_config, request_bytes, wait_until
 
@@ -420,9 +427,10 @@ def test_disconnect_mid_stream_fires_callback_and_closes_iterator_within_50ms(sr
 
 
 def test_content_length_over_limit_is_413_without_reading_body():
-    with ServerThread(build_router(), fast_config(max_body_bytes=1000)) as srv, Client(
-        srv.port
-    ) as c:
+    with (
+        ServerThread(build_router(), fast_config(max_body_bytes=1000)) as srv,
+        Client(srv.port) as c,
+    ):
         c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000\r\n\r\n" + b"x" * 10)
         reply = c.read_response()
         assert reply.status == 413 and reply.json()["error"]["type"] == "invalid_request_error"
@@ -431,9 +439,10 @@ def test_content_length_over_limit_is_413_without_reading_body():
 
 
 def test_chunked_body_over_limit_is_413():
-    with ServerThread(build_router(), fast_config(max_body_bytes=1000)) as srv, Client(
-        srv.port
-    ) as c:
+    with (
+        ServerThread(build_router(), fast_config(max_body_bytes=1000)) as srv,
+        Client(srv.port) as c,
+    ):
         c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
         c.send(b"400\r\n" + b"x" * 1024 + b"\r\n")
         assert c.read_response().status == 413
@@ -447,11 +456,24 @@ def test_chunked_body_over_limit_is_413():
         (b"GET /" + b"a" * 9000, 414),  # incomplete request line, already too long
         (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 17000 + b"\r\n\r\n", 431),
         (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 30000, 431),  # incomplete
-        (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n", 431),
+        (
+            b"GET / HTTP/1.1\r\nHost: t\r\n"
+            + b"".join(b"X-%d: v\r\n" % i for i in range(101))
+            + b"\r\n",
+            431,
+        ),
         (b"GET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n", 400),
         (b"NOT HTTP AT ALL\r\n\r\n", 400),
     ],
-    ids=["long-line", "long-line-partial", "big-header", "big-header-partial", "fields", "bad", "junk"],
+    ids=[
+        "long-line",
+        "long-line-partial",
+        "big-header",
+        "big-header-partial",
+        "fields",
+        "bad",
+        "junk",
+    ],
 )
 def test_head_limits_and_malformed_requests(srv, head, status):
     with Client(srv.port) as c:
@@ -501,17 +523,20 @@ def test_idle_keep_alive_connection_is_closed(srv):
 
 
 def test_max_connections_gets_503():
-    with ServerThread(build_router(), fast_config(max_connections=2)) as srv:
-        with Client(srv.port) as a, Client(srv.port) as b:
-            assert a.request("GET", "/v1/models").status == 200
-            assert b.request("GET", "/v1/models").status == 200
-            with Client(srv.port) as c:
-                c.send(request_bytes("GET", "/v1/models"))
-                reply = c.read_response()
-                assert reply.status == 503
-                assert reply.json()["error"]["type"] == "service_unavailable"
-                assert c.is_closed_by_server()
-            assert a.request("GET", "/v1/models").status == 200
+    with (
+        ServerThread(build_router(), fast_config(max_connections=2)) as srv,
+        Client(srv.port) as a,
+        Client(srv.port) as b,
+    ):
+        assert a.request("GET", "/v1/models").status == 200
+        assert b.request("GET", "/v1/models").status == 200
+        with Client(srv.port) as c:
+            c.send(request_bytes("GET", "/v1/models"))
+            reply = c.read_response()
+            assert reply.status == 503
+            assert reply.json()["error"]["type"] == "service_unavailable"
+            assert c.is_closed_by_server()
+        assert a.request("GET", "/v1/models").status == 200
 
 
 # ---- API key
@@ -653,3 +678,26 @@ def test_signal_drains_in_flight_stream_and_exits_0(signum):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_failing_startup_hook_exits_1():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.server.slow_app", "--fail-startup"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 1
+    assert "startup failed: model folder is missing" in proc.stderr
+    assert "shutdown hook ran" in proc.stderr
+
+
+def test_run_server_returns_1_when_the_port_is_taken(caplog):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.ERROR, "nanoserve.http"):
+            assert run_server(Router(), ServerConfig(port=port)) == 1
+    assert "cannot listen" in caplog.text

@@ -1,0 +1,513 @@
+"""Engine benchmark: nanoserve's LLMEngine vs Hugging Face transformers on the same weights.
+
+    python bench/engine_bench.py                       # default model, CPU fp32, scaled-down workload
+    python bench/engine_bench.py --num-seqs 256 --min-len 100 --max-len 1024   # nano-vllm's workload
+    python bench/engine_bench.py --shape qwen3-0.6b --device cuda              # random weights, GPU
+
+Measures, in one process, after a warm-up and with a fixed seed:
+  (a) offline throughput: --num-seqs requests with prompt and output lengths drawn uniformly from
+      [--min-len, --max-len], ignore_eos, greedy; output tok/s of LLMEngine.generate(). Baseline:
+      transformers' continuous batching (the `generate_batch` machinery) where the installed
+      version has it (--hf-throughput off skips it).
+  (b) decode tok/s at each --decode-batches size (prompt --decode-prompt-len tokens, then
+      --decode-new-tokens tokens, ignore_eos), timed over the decode steps only, with the
+      memory traffic of a step (weights + the KV read) / step time in GB/s, its share of the
+      machine's copy bandwidth (measured in the same run), and the roofline tok/s it implies.
+      Baselines: transformers' `generate` at batch 1 and a fixed-batch greedy decode loop
+      (model forward with its DynamicCache) at every batch size.
+Prints every figure and ours/HF ratios with the targets of the CPU default-model run.
+--shape writes a random-weight checkpoint of a known shape (tokenizer of the default model) to a
+temporary folder, so GPU shapes need no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    SHAPES,
+    load_average,
+    measure_copy_bandwidth_gbs,
+    ratio,
+    write_random_checkpoint,
+)
+
+GiB = 1 << 30
+FIRST_TOKEN_ID = 32  # random prompts avoid the special tokens at the start of the vocabulary
+
+
+@dataclass
+class DecodeResult:
+    tok_s: float
+    step_s: float
+    bytes_per_step: float
+
+    @property
+    def gb_s(self) -> float:
+        return self.bytes_per_step / self.step_s / 1e9
+
+
+def sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_prompts(rng: random.Random, lengths: list[int], vocab: int) -> list[list[int]]:
+    return [[rng.randrange(FIRST_TOKEN_ID, vocab) for _ in range(n)] for n in lengths]
+
+
+# ---- ours ---------------------------------------------------------------------------------
+
+
+def build_engine(args, model_dir: Path, max_model_len: int, max_num_seqs: int, kv_tokens: int):
+    """LLMEngine for the run; the CPU KV pool holds `kv_tokens` unless --kv-cache-gib says."""
+    from model.config import ModelConfig
+    from model.engine import DTYPES, EngineConfig, LLMEngine
+
+    if args.kv_cache_gib is not None:
+        kv_bytes = int(args.kv_cache_gib * GiB)
+    else:
+        mc = ModelConfig.from_dir(model_dir)
+        elem = DTYPES[args.dtype].itemsize
+        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elem
+        kv_bytes = (kv_tokens + 16 * max_num_seqs) * per_token
+    return LLMEngine(
+        EngineConfig(
+            model_dir=str(model_dir),
+            device=args.device,
+            dtype=args.dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_memory_bytes=kv_bytes,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        )
+    )
+
+
+def ours_throughput(engine, prompts: list[list[int]], output_lens: list[int]) -> tuple[float, int]:
+    """(seconds, output tokens) of LLMEngine.generate() over the whole workload."""
+    from model.sampling import SamplingParams
+
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in output_lens]
+    sync(engine.runner.device)
+    t0 = time.perf_counter()
+    results = engine.generate(prompts, params)
+    sync(engine.runner.device)
+    elapsed = time.perf_counter() - t0
+    num_out = sum(len(d.token_ids) for choices in results for d in choices)
+    assert num_out == sum(output_lens), (num_out, sum(output_lens))
+    return elapsed, num_out
+
+
+def ours_decode(
+    engine, prompts: list[list[int]], num_new: int, weight_bytes: int, kv_bytes_per_token: int
+) -> DecodeResult:
+    """Decode steps of a batch whose prompts are all prefilled, timed one by one."""
+    from model.sampling import SamplingParams
+
+    batch = len(prompts)
+    params = SamplingParams(max_tokens=num_new, temperature=0.0, ignore_eos=True)
+    ids = [f"decode-{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(rid, prompt, params)
+    started: set[str] = set()
+    step_times: list[float] = []
+    ctx_tokens: list[int] = []
+    while engine.has_unfinished():
+        is_decode = len(started) == batch
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        dt = time.perf_counter() - t0
+        for rid, delta in outputs:
+            if isinstance(delta, Exception):
+                raise delta
+            started.add(rid)
+        if is_decode:
+            assert len(outputs) == batch, "a decode step of a full batch samples every sequence"
+            step_times.append(dt)
+            # every sequence attends to its prompt plus the outputs so far (incl. this token)
+            ctx_tokens.append(sum(len(p) for p in prompts) + batch * (len(step_times) + 1))
+    total_s = sum(step_times)
+    step_s = total_s / len(step_times)
+    mean_ctx = sum(ctx_tokens) / len(ctx_tokens)
+    return DecodeResult(
+        tok_s=batch * len(step_times) / total_s,
+        step_s=step_s,
+        bytes_per_step=weight_bytes + mean_ctx * kv_bytes_per_token,
+    )
+
+
+def model_bytes(engine) -> tuple[int, int]:
+    """(weight bytes one decode step reads, KV bytes per token of context)."""
+    model = engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:  # untied: a step reads only a few embedding rows
+        emb = model.model.embed_tokens.weight
+        weight_bytes -= emb.numel() * emb.element_size()
+    mc = engine.model_config
+    elem = engine.runner.kv_cache.element_size()
+    kv_bytes_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elem
+    return weight_bytes, kv_bytes_per_token
+
+
+# ---- Hugging Face transformers --------------------------------------------------------------
+
+
+def load_hf(model_dir: Path, device: str, dtype):
+    import logging
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    # CPU runs of continuous batching log psutil hints at ERROR level; they are not failures.
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype)
+    return model.to(device).eval()
+
+
+def hf_generate_decode(model, prompt: list[int], num_new: int, device: str) -> float:
+    """Batch-1 decode tok/s of `generate`: (N - 1) tokens / (time(N tokens) - time(1 token))."""
+    import torch
+
+    ids = torch.tensor([prompt], device=device)
+
+    def timed(n: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,  # ignore_eos
+                do_sample=False,
+                pad_token_id=0,
+            )
+        sync(device)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - t0
+
+    timed(num_new)  # warm-up at the full length
+    t_first = min(timed(1) for _ in range(2))
+    t_all = timed(num_new)
+    return (num_new - 1) / max(t_all - t_first, 1e-9)
+
+
+def hf_loop_decode(
+    model, prompts: list[list[int]], num_new: int, device: str, bytes_of_step
+) -> DecodeResult:
+    """A fixed batch of same-length prompts: one prefill forward, then greedy decode forwards
+    through the model's own DynamicCache; only the decode forwards are timed."""
+    import torch
+
+    batch, prompt_len = len(prompts), len(prompts[0])
+    ids = torch.tensor(prompts, device=device)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(num_new - 1):
+            out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        elapsed = time.perf_counter() - t0
+    num_steps = num_new - 1
+    mean_ctx = prompt_len + 1 + num_steps / 2
+    return DecodeResult(
+        tok_s=batch * num_steps / elapsed,
+        step_s=elapsed / num_steps,
+        bytes_per_step=bytes_of_step(batch * mean_ctx),
+    )
+
+
+def hf_continuous_batching(
+    model, prompts: list[list[int]], output_lens: list[int]
+) -> tuple[float, int]:
+    """(seconds, output tokens) of transformers' continuous batching on the workload.
+
+    Uses the manager behind `generate_batch` so each request keeps its own output length; EOS
+    disabled (id -1). Raises when the installed transformers lacks it or its API differs.
+    """
+    from transformers import GenerationConfig
+
+    if not hasattr(model, "continuous_batching_context_manager"):
+        raise RuntimeError("this transformers has no continuous batching (generate_batch)")
+    config = GenerationConfig(
+        max_new_tokens=max(output_lens), do_sample=False, eos_token_id=-1, pad_token_id=0
+    )
+    results = {}
+    t0 = time.perf_counter()
+    with model.continuous_batching_context_manager(
+        generation_config=config, block=True, timeout=30
+    ) as manager:
+        t0 = time.perf_counter()  # after the manager's own warm-up
+        for i, (prompt, n) in enumerate(zip(prompts, output_lens, strict=True)):
+            manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n)
+        while len(results) < len(prompts):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                if result.error is not None:
+                    raise RuntimeError(f"request {result.request_id} failed: {result.error}")
+                results[result.request_id] = result
+            elif result is None and not manager.is_running():
+                raise RuntimeError("the continuous batching thread stopped")
+    elapsed = time.perf_counter() - t0
+    return elapsed, sum(len(r.generated_tokens) for r in results.values())
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model-dir", help="model folder (default: the default model)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead")
+    p.add_argument("--checkpoint-dir", help="where --shape writes (kept); default: a temp dir")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", default="throughput,decode", help="throughput,decode")
+    p.add_argument("--num-seqs", type=int, default=32, help="(a) requests (nano-vllm: 256)")
+    p.add_argument("--min-len", type=int, default=32, help="(a) shortest prompt/output (100)")
+    p.add_argument("--max-len", type=int, default=128, help="(a) longest prompt/output (1024)")
+    p.add_argument("--decode-batches", default="1,16,64")
+    p.add_argument("--decode-prompt-len", type=int, default=32)
+    p.add_argument("--decode-new-tokens", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, help="engine token budget per step")
+    p.add_argument(
+        "--kv-cache-gib", type=float, help="CPU KV pool size (default: what the workload needs)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=2, help="decode runs per side, alternating; best is kept"
+    )
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument(
+        "--hf-throughput",
+        choices=["on", "off"],
+        default="on",
+        help="transformers continuous batching (generate_batch) as the baseline of (a)",
+    )
+    args = p.parse_args(argv)
+    args.parts = {s.strip() for s in args.parts.split(",") if s.strip()}
+    args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
+    assert args.parts <= {"throughput", "decode"}, args.parts
+    assert 1 <= args.min_len <= args.max_len and args.decode_new_tokens >= 2
+    return args
+
+
+def resolve_model_dir(args, tmp_dirs: list[Path]) -> Path:
+    from model.default_model import ensure_default_model
+
+    if args.shape is None:
+        return Path(args.model_dir) if args.model_dir else ensure_default_model()
+    tokenizer_dir = Path(args.model_dir) if args.model_dir else ensure_default_model()
+    if args.checkpoint_dir:
+        out = Path(args.checkpoint_dir)
+    else:
+        out = Path(tempfile.mkdtemp(prefix=f"nanoserve-bench-{args.shape}-"))
+        tmp_dirs.append(out)
+    if not (out / "config.json").is_file():
+        t0 = time.perf_counter()
+        write_random_checkpoint(
+            args.shape, out, tokenizer_dir, dtype=args.dtype, device=args.device, seed=args.seed
+        )
+        print(f"wrote random {args.shape} checkpoint to {out} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    is_cuda = args.device.startswith("cuda")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if is_cuda else "float32"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tmp_dirs: list[Path] = []
+    try:
+        return run(args, resolve_model_dir(args, tmp_dirs), is_cuda)
+    finally:
+        for d in tmp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def run(args, model_dir: Path, is_cuda: bool) -> int:
+    import torch
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    run_hf = not args.no_hf
+    run_cb = run_hf and args.hf_throughput == "on"
+    rng = random.Random(args.seed)
+    print(
+        f"engine_bench: model {model_dir.name} ({model_dir}), device {device}, dtype {args.dtype}"
+    )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}"
+    )
+    bandwidth = measure_copy_bandwidth_gbs(device, (2 * GiB) if is_cuda else (512 << 20))
+    print(f"memory bandwidth (large tensor copy, read + write): {bandwidth:.1f} GB/s")
+
+    batches = args.decode_batches if "decode" in args.parts else []
+    do_throughput = "throughput" in args.parts
+    max_model_len = max(2 * args.max_len, args.decode_prompt_len + args.decode_new_tokens) + 16
+    max_num_seqs = max([args.num_seqs if do_throughput else 1, *batches])
+    kv_tokens = max(
+        2 * args.max_len * args.num_seqs if do_throughput else 0,
+        max(batches or [4]) * (args.decode_prompt_len + args.decode_new_tokens),
+    )
+    t0 = time.perf_counter()
+    engine = build_engine(args, model_dir, max_model_len, max_num_seqs, kv_tokens)
+    vocab = min(engine.model_config.vocab_size, engine.tokenizer.vocab_size)
+    weight_bytes, kv_bytes_per_token = model_bytes(engine)
+    print(
+        f"ours loaded in {time.perf_counter() - t0:.1f} s: weights read per step "
+        f"{weight_bytes / 1e6:.1f} MB, KV {kv_bytes_per_token / 1e3:.1f} kB/token, "
+        f"KV pool {engine.num_kv_tokens} tokens"
+    )
+
+    def bytes_of_step(num_ctx_tokens: float) -> float:
+        return weight_bytes + num_ctx_tokens * kv_bytes_per_token
+
+    # The workload, drawn once: both engines see the same prompts.
+    prompt_lens = [rng.randint(args.min_len, args.max_len) for _ in range(args.num_seqs)]
+    output_lens = [rng.randint(args.min_len, args.max_len) for _ in range(args.num_seqs)]
+    tp_prompts = random_prompts(rng, prompt_lens, vocab) if do_throughput else []
+    decode_prompts = {b: random_prompts(rng, [args.decode_prompt_len] * b, vocab) for b in batches}
+    # Warm-up: a prefill and a few batched decode steps at the largest batch.
+    warm = random_prompts(rng, [args.decode_prompt_len] * max(batches or [4]), vocab)
+    ours_decode(engine, warm, 4, weight_bytes, kv_bytes_per_token)
+
+    # On the CPU both models fit: interleave the measurements so load drifts hit both alike.
+    hf = load_hf(model_dir, device, dtype) if run_hf and not is_cuda else None
+    ours_tp: tuple[float, int] | None = None
+    hf_tp: tuple[float, int] | str | None = None
+    decode_ours: dict[int, DecodeResult] = {}
+    decode_hf: dict[int, DecodeResult] = {}
+    hf_gen_b1: float | None = None
+
+    def best(results: dict[int, DecodeResult], batch: int, new: DecodeResult) -> None:
+        if batch not in results or new.tok_s > results[batch].tok_s:
+            results[batch] = new
+
+    def measure_hf_decode(batch: int) -> None:
+        nonlocal hf_gen_b1
+        prompts = decode_prompts[batch]
+        hf_loop_decode(hf, prompts, 3, device, bytes_of_step)  # warm-up
+        best(
+            decode_hf,
+            batch,
+            hf_loop_decode(hf, prompts, args.decode_new_tokens, device, bytes_of_step),
+        )
+        if batch == 1:
+            tok_s = hf_generate_decode(hf, prompts[0], args.decode_new_tokens, device)
+            hf_gen_b1 = max(hf_gen_b1 or 0.0, tok_s)
+
+    if do_throughput:
+        ours_tp = ours_throughput(engine, tp_prompts, output_lens)
+    for batch in batches:
+        for _ in range(args.repeats):
+            result = ours_decode(
+                engine,
+                decode_prompts[batch],
+                args.decode_new_tokens,
+                weight_bytes,
+                kv_bytes_per_token,
+            )
+            best(decode_ours, batch, result)
+            if hf is not None:
+                measure_hf_decode(batch)
+    if run_hf and is_cuda:  # free our weights and KV pool before loading the baseline
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        hf = load_hf(model_dir, device, dtype)
+        for batch in batches:
+            for _ in range(args.repeats):
+                measure_hf_decode(batch)
+    if run_cb and do_throughput:
+        try:
+            hf_tp = hf_continuous_batching(hf, tp_prompts, output_lens)
+        except Exception as exc:  # optional baseline: an API change must not end the run
+            hf_tp = f"unavailable: {type(exc).__name__}: {exc}"
+
+    print(f"\nsummary (load average {load_average()}):")
+    if ours_tp is not None:
+        elapsed, num_out = ours_tp
+        ours_tps = num_out / elapsed
+        print(
+            f"  throughput: {args.num_seqs} seqs, prompt and output lengths uniform in "
+            f"[{args.min_len}, {args.max_len}] ({sum(prompt_lens)} prompt + {num_out} output "
+            "tokens, greedy, ignore_eos)"
+        )
+        print(
+            f"    ours              {ours_tps:9.1f} output tok/s ({elapsed:.2f} s; "
+            f"{(sum(prompt_lens) + num_out) / elapsed:.1f} prompt+output tok/s)"
+        )
+        if isinstance(hf_tp, tuple):
+            hf_tps = hf_tp[1] / hf_tp[0]
+            print(
+                f"    HF generate_batch {hf_tps:9.1f} output tok/s ({hf_tp[0]:.2f} s, "
+                f"{hf_tp[1]} tokens)   ours/HF {ratio(ours_tps, hf_tps)}"
+            )
+        elif hf_tp is not None:
+            print(f"    HF generate_batch {hf_tp}")
+    if batches:
+        print(
+            f"  decode: prompt {args.decode_prompt_len} tokens then {args.decode_new_tokens} new, "
+            "greedy, ignore_eos; decode steps only; GB/s = (weights + KV read) / step time"
+        )
+    for batch in batches:
+        ours = decode_ours[batch]
+        roofline = batch * bandwidth * 1e9 / ours.bytes_per_step
+        print(
+            f"    b={batch:<3d} ours       {ours.tok_s:8.1f} tok/s {ours.step_s * 1e3:7.1f} ms/step "
+            f"{ours.gb_s:6.1f} GB/s ({ours.gb_s / bandwidth:4.0%} of copy bw; roofline "
+            f"{roofline:.0f} tok/s)"
+        )
+        theirs = decode_hf.get(batch)
+        if theirs is not None:
+            print(
+                f"          HF loop    {theirs.tok_s:8.1f} tok/s {theirs.step_s * 1e3:7.1f} ms/step "
+                f"{theirs.gb_s:6.1f} GB/s   ours/HF loop {ratio(ours.tok_s, theirs.tok_s)}"
+            )
+        if batch == 1 and hf_gen_b1 is not None:
+            print(
+                f"          HF generate {hf_gen_b1:7.1f} tok/s"
+                f"{'':33s}ours/HF generate {ratio(ours.tok_s, hf_gen_b1)}"
+            )
+    print(
+        "targets (default model, 2 CPU cores, fp32): b=1 ours/HF generate >= 1.0x; "
+        "b=64 ours/HF loop >= 1.0x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
