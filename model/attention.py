@@ -278,8 +278,14 @@ class TorchAttentionBackend:
 _BACKENDS = {"torch": TorchAttentionBackend}
 
 
-def get_attention_backend(name: str) -> TorchAttentionBackend:
-    """Attention backend by name: "torch" (CPU and CUDA)."""
+def get_attention_backend(name: str):
+    """Attention backend by name: "torch" (CPU and CUDA) or "triton" (CUDA, imported lazily)."""
+    if name == "triton":
+        from model.attention_triton import TritonAttentionBackend
+
+        return TritonAttentionBackend()
     if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r} (available: {', '.join(_BACKENDS)})")
+        raise ValueError(
+            f"unknown attention backend {name!r} (available: {', '.join(_BACKENDS)}, triton)"
+        )
     return _BACKENDS[name]()

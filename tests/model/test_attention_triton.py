@@ -22,6 +22,7 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Tiles small enough that tiny sequences still span several of them (tl.dot needs >= 16 on GPUs).
 SMALL_TILES = dict(decode_block_n=16, extend_block_m=16, extend_block_n=16)
+FP32_TOL = 5e-5 if HAS_CUDA else 1e-5  # summation order differs from the reference SDPA
 if not HAS_CUDA:
     SMALL_TILES = dict(decode_block_n=8, decode_block_h=4, extend_block_m=16, extend_block_n=8)
 
@@ -113,7 +114,7 @@ def test_matches_torch_backend(triton_attention, scenario, num_heads, num_kv, bl
     backend = triton_attention.TritonAttentionBackend(**SMALL_TILES)
     case = make_case(seq_lens, query_lens, block_size, num_heads, num_kv)
     diff, _, _ = compare(backend, *case)
-    assert diff < 1e-5
+    assert diff < FP32_TOL
 
 
 @pytest.mark.slow
@@ -125,14 +126,14 @@ def test_default_tiles_realistic_heads(triton_attention, num_heads, num_kv):
     for seq_lens, query_lens in scenarios:
         case = make_case(seq_lens, query_lens, 16, num_heads, num_kv, head_dim=64)
         diff, _, _ = compare(backend, *case)
-        assert diff < 1e-5
+        assert diff < FP32_TOL
 
 
 def test_without_cache_full_prompts(triton_attention):
     backend = triton_attention.TritonAttentionBackend(**SMALL_TILES)
     case = make_case([9, 1, 20], [9, 1, 20], 8, 6, 2)
     diff, _, _ = compare(backend, *case, use_cache=False)
-    assert diff < 1e-5
+    assert diff < FP32_TOL
 
 
 def test_non_power_of_two_head_dim(triton_attention):
@@ -140,7 +141,7 @@ def test_non_power_of_two_head_dim(triton_attention):
     for seq_lens, query_lens in (SCENARIOS["mixed"], SCENARIOS["decode"]):
         case = make_case(seq_lens, query_lens, 8, 6, 2, head_dim=24, seed=1)
         diff, _, _ = compare(backend, *case)
-        assert diff < 1e-5
+        assert diff < FP32_TOL
 
 
 @pytest.mark.parametrize("num_kv_splits", [1, 2, 32])
@@ -149,7 +150,7 @@ def test_decode_split_counts(triton_attention, num_kv_splits):
     backend = triton_attention.TritonAttentionBackend(**SMALL_TILES, num_kv_splits=num_kv_splits)
     case = make_case([3, 50, 17], [1, 1, 1], 16, 4, 1, seed=2)
     diff, _, _ = compare(backend, *case)
-    assert diff < 1e-5
+    assert diff < FP32_TOL
 
 
 def test_decode_group_wider_than_head_tile(triton_attention):
@@ -159,7 +160,7 @@ def test_decode_group_wider_than_head_tile(triton_attention):
     num_heads = 40 if HAS_CUDA else 5
     case = make_case([6, 21], [1, 1], 8, num_heads, 1, seed=3)
     diff, _, _ = compare(backend, *case)
-    assert diff < 1e-5
+    assert diff < FP32_TOL
 
 
 def test_padding_rows_are_not_stored(triton_attention):
@@ -178,15 +179,16 @@ def test_padding_rows_are_not_stored(triton_attention):
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
 
 
-def test_split_count_ignores_sequence_lengths(triton_attention):
-    backend = triton_attention.TritonAttentionBackend()
-    cpu = torch.device("cpu")
-    assert backend.num_splits_for(1, 8, cpu) == backend.num_splits_for(1, 8, cpu)
+def test_split_count_depends_on_batch_shape_only(triton_attention):
+    """Splits come from (num_seqs, head programs, device): a captured grid fits any length."""
+    module = triton_attention
+    assert module.TritonAttentionBackend(num_kv_splits=8).num_splits_for(3, 2, DEVICE) == 8
     if HAS_CUDA:
+        backend = module.TritonAttentionBackend()
         cuda = torch.device("cuda")
         splits = [backend.num_splits_for(b, 8, cuda) for b in (1, 4, 64, 512)]
         assert splits == sorted(splits, reverse=True) and splits[-1] >= 1
-        assert max(splits) <= triton_attention.MAX_KV_SPLITS
+        assert all(n & (n - 1) == 0 and n <= module.MAX_KV_SPLITS for n in splits)
 
 
 def test_triton_available_matches_device(triton_attention):
@@ -232,22 +234,18 @@ def test_decode_graph_runner_pads_batches(triton_attention):
     input_ids = torch.tensor([4, 60, 33], device=DEVICE)
     positions = torch.tensor([n - 1 for n in seq_lens], device=DEVICE)
 
+    graph_cache = kv_cache.clone()  # a captured graph is bound to its pool
     runner = DecodeGraphRunner(
-        model, kv_cache, max_batch_size=4, max_blocks_per_seq=4, block_size=block_size
+        model, graph_cache, max_batch_size=4, max_blocks_per_seq=4, block_size=block_size
     )
     assert runner.batch_sizes == decode_batch_sizes(4) == [1, 2, 4]
-    assert (
-        runner.padded_batch_size(3) == 4
-        and runner.can_run(meta)
-        and not runner.can_run(
-            build_attention_metadata([3, 4], [3, 1], [[0], [1]], block_size, DEVICE)
-        )
-    )
-    runner.capture()  # on the CPU: only sets the static buffers up
-    graph_cache = kv_cache.clone()
-    runner.kv_cache = graph_cache
+    assert runner.padded_batch_size(3) == 4 and runner.can_run(meta)
+    prefill = build_attention_metadata([3, 4], [3, 1], [[0], [1]], block_size, DEVICE)
+    assert not runner.can_run(prefill)
+    runner.capture()  # graphs on a GPU; on the CPU only the static metadata
+    assert torch.equal(graph_cache, kv_cache)  # capturing stores nothing
     with torch.inference_mode():
-        hidden = runner.run(input_ids, positions, meta)
+        hidden = runner.run(input_ids, positions, meta).clone()
         eager_cache = kv_cache.clone()
         eager = model(input_ids, positions, eager_cache, meta)
         for layer in model.model.layers:
@@ -255,10 +253,11 @@ def test_decode_graph_runner_pads_batches(triton_attention):
         torch_cache = kv_cache.clone()
         reference = model(input_ids, positions, torch_cache, meta)
     assert hidden.shape == (3, 32)
-    assert (hidden - eager).abs().max().item() < 1e-5
-    assert (hidden - reference).abs().max().item() < 1e-4
-    assert (graph_cache - eager_cache).abs().max().item() < 1e-5  # padding changes matmul blocking
-    assert (graph_cache - torch_cache).abs().max().item() < 1e-5
+    # Padding changes the matmul blocking, so agreement is to rounding, not bitwise.
+    assert (hidden - eager).abs().max().item() < FP32_TOL
+    assert (hidden - reference).abs().max().item() < 10 * FP32_TOL
+    assert (graph_cache - eager_cache).abs().max().item() < FP32_TOL
+    assert (graph_cache - torch_cache).abs().max().item() < FP32_TOL
 
 
 def test_decode_batch_sizes_ladder():

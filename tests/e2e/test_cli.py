@@ -1,0 +1,116 @@
+"""`python -m server ...` as a user runs it: answers, and one clear line on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e.conftest import REPO_ROOT, ServerProcess
+
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def nanoserve(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "NANOSERVE_API_KEY"}
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def check_one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("nanoserve: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_generate_answers(default_model_dir: Path) -> None:
+    result = nanoserve(
+        "generate", "--model", str(default_model_dir), "--max-tokens", "16",
+        "What is the capital of France?",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_command_and_serve_flag() -> None:
+    result = nanoserve("--help")
+    assert result.returncode == 0
+    for command in ("serve", "pull", "convert-gguf", "generate"):
+        assert command in result.stdout
+    result = nanoserve("serve", "--help")
+    assert result.returncode == 0
+    flags = (
+        "--host --port --served-model-name --api-key --max-model-len --max-num-seqs "
+        "--max-num-batched-tokens --kv-cache-memory --gpu-memory-utilization --device --dtype "
+        "--max-queued-requests --header-timeout --timeout-keep-alive --shutdown-timeout "
+        "--log-level"
+    )
+    for flag in flags.split():
+        assert flag in result.stdout
+
+
+def test_serve_missing_folder() -> None:
+    check_one_line_error(nanoserve("serve", "/nonexistent"), 2, "/nonexistent", "config.json")
+
+
+def test_serve_broken_config(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    check_one_line_error(nanoserve("serve", str(tmp_path)), 2, "config.json")
+
+
+def test_serve_unknown_architecture(tmp_path: Path) -> None:
+    config = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    check_one_line_error(nanoserve("serve", str(tmp_path)), 2, "GPT2LMHeadModel")
+
+
+def test_serve_missing_tokenizer(tmp_path: Path, default_model_dir: Path) -> None:
+    (tmp_path / "config.json").write_bytes((default_model_dir / "config.json").read_bytes())
+    check_one_line_error(nanoserve("serve", str(tmp_path)), 2, "tokenizer.json")
+
+
+def test_serve_missing_weights(tmp_path: Path, default_model_dir: Path) -> None:
+    """The folder passes the quick checks; loading fails after the socket is bound."""
+    for name in MODEL_FILES:
+        (tmp_path / name).symlink_to(default_model_dir / name)
+    result = nanoserve("serve", str(tmp_path), "--port", "0")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nanoserve: error:")]
+    assert len(errors) == 1 and "model.safetensors" in errors[0], result.stderr
+
+
+def test_serve_bad_flag_value(default_model_dir: Path) -> None:
+    result = nanoserve("serve", str(default_model_dir), "--kv-cache-memory", "lots")
+    assert result.returncode == 2
+    assert "--kv-cache-memory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_port_in_use(server: ServerProcess, default_model_dir: Path) -> None:
+    result = nanoserve("serve", str(default_model_dir), "--port", str(server.port))
+    assert result.returncode == 1, result.stderr
+    assert "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_convert_gguf_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file")
+    result = nanoserve("convert-gguf", str(bad), str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "bad.gguf" in result.stderr
+    assert not (tmp_path / "out").exists()
