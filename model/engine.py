@@ -34,7 +34,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory the process may use
     enable_prefix_caching: bool = True
     max_queued_requests: int = 1024
-    attn_backend: str = "auto"
+    attn_backend: str = "auto"  # auto (triton on CUDA when importable, else torch) | torch | triton
+    enforce_eager: bool = False  # CUDA: no graphs for decode steps
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -46,7 +47,9 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.attn_backend == "auto":
-            self.attn_backend = "torch"
+            from model.attention_triton import triton_available
+
+            self.attn_backend = "triton" if is_cuda and triton_available() else "torch"
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 2048 if is_cuda else 512
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests"):
@@ -155,7 +158,11 @@ class LLMEngine:
             )
             self.max_model_len = fits
         self.runner.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        if self.runner.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -336,7 +343,9 @@ class LLMEngine:
         text = ""
         if token_id in params.stop_token_ids and num_out >= params.min_tokens:
             finish, stop_reason = "stop", token_id
-        elif not params.ignore_eos and token_id in self.stop_ids_eos and num_out >= params.min_tokens:
+        elif (
+            not params.ignore_eos and token_id in self.stop_ids_eos and num_out >= params.min_tokens
+        ):
             finish = "stop"
         else:
             text = state.detokenizer.add(token_id)
@@ -344,7 +353,9 @@ class LLMEngine:
                 text, matched = state.matcher.push(text)
                 if matched is not None:
                     finish, stop_reason = "stop", matched
-        if finish is None and (num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+        if finish is None and (
+            num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
             finish = "length"
         if finish is not None and not isinstance(stop_reason, str):
             # the end: release what the detokenizer and the stop matcher still hold back

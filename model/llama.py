@@ -15,6 +15,7 @@ from torch import nn
 
 from model.attention import AttentionMetadata, TorchAttentionBackend, get_attention_backend
 from model.config import ModelConfig
+from model.triton_ops import fused_add_rms_norm, rms_norm, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -24,12 +25,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Half precision: normalise in fp32, round, then scale, as the reference does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Half precision normalises in fp32, rounds, then scales, as the reference does;
+        # a Triton kernel on CUDA.
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), fused into one pass on CUDA."""
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -133,8 +137,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = F.linear(x, self.gate_up_proj.weight)  # (T, 2 * intermediate)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+        return F.linear(silu_and_mul(gate_up), self.down_proj.weight)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -148,16 +151,22 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         k_cache: torch.Tensor | None,
         v_cache: torch.Tensor | None,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(
-            self.input_layernorm(hidden), cos, sin, k_cache, v_cache, meta
-        )
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add is deferred into the next norm (one fused pass on CUDA):
+        returns (this layer's MLP output, the residual stream before adding it)."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, k_cache, v_cache, meta)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -212,12 +221,15 @@ class LlamaForCausalLM(nn.Module):
         hidden = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, H)
         cos_sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1)  # (T, 1, hd)
         cos, sin = cos_sin.chunk(2, dim=-1)  # (T, 1, hd/2) each
+        residual = None
         for i, layer in enumerate(self.model.layers):
             if kv_cache is None:
-                hidden = layer(hidden, cos, sin, None, None, meta)
+                hidden, residual = layer(hidden, residual, cos, sin, None, None, meta)
             else:
-                hidden = layer(hidden, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
-        return self.model.norm(hidden)
+                hidden, residual = layer(
+                    hidden, residual, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta
+                )
+        return self.model.norm.add_and_norm(hidden, residual)[0]
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -49,11 +49,15 @@ class ModelRunner:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model, self.model_config = load_model(
-            config.model_dir, device=config.device, dtype=config.dtype, attn_backend=config.attn_backend
+            config.model_dir,
+            device=config.device,
+            dtype=config.dtype,
+            attn_backend=config.attn_backend,
         )
         self.sampler = Sampler()
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
+        self.graph_runner = None  # DecodeGraphRunner once captured (CUDA only)
 
     @property
     def block_bytes(self) -> int:
@@ -78,6 +82,26 @@ class ModelRunner:
             device=self.device,
         )
 
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """CUDA graphs of the decode step for a ladder of batch sizes (bound to this pool)."""
+        from model.cuda_graphs import DecodeGraphRunner
+
+        if not getattr(self.model.attn_backend, "supports_cuda_graphs", False):
+            logger.info(
+                "attention backend %s cannot be captured; decode runs eagerly",
+                self.config.attn_backend,
+            )
+            return
+        assert self.kv_cache is not None
+        self.graph_runner = DecodeGraphRunner(
+            self.model,
+            self.kv_cache,
+            max_batch_size=max_num_seqs,
+            max_blocks_per_seq=-(-max_model_len // self.config.block_size),
+            block_size=self.config.block_size,
+        )
+        self.graph_runner.capture()
+
     def num_blocks_for_gpu(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
         """Blocks that fit in the GPU memory left after weights and a warm-up at the largest batch."""
         assert self.device.type == "cuda"
@@ -100,7 +124,11 @@ class ModelRunner:
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         pos = torch.arange(num_tokens, device=self.device)
         meta = build_attention_metadata(
-            [num_tokens], [num_tokens], [list(range(num_blocks))], self.config.block_size, self.device
+            [num_tokens],
+            [num_tokens],
+            [list(range(num_blocks))],
+            self.config.block_size,
+            self.device,
         )
         hidden = self.model(ids, pos, self.kv_cache, meta)
         self.model.compute_logits(hidden[-1:])
@@ -143,7 +171,11 @@ class ModelRunner:
         )
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=device)
-        hidden = self.model(ids_t, pos_t, self.kv_cache, meta)
+        graphs = self.graph_runner
+        if graphs is not None and graphs.can_run(meta):
+            hidden = graphs.run(ids_t, pos_t, meta)  # a view of the graph's static output
+        else:
+            hidden = self.model(ids_t, pos_t, self.kv_cache, meta)
         if not rows:
             return None
         if len(sample_indices) != num_tokens:

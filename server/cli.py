@@ -27,23 +27,51 @@ def parse_bytes(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoserve", description="A small OpenAI-compatible LLM server")
+    parser = argparse.ArgumentParser(
+        prog="nanoserve", description="A small OpenAI-compatible LLM server"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
-    serve.add_argument("model_dir", nargs="?", help="Hugging Face model folder (default: the default model)")
+    serve.add_argument(
+        "model_dir", nargs="?", help="Hugging Face model folder (default: the default model)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", help="model id in the API (default: the folder name)")
-    serve.add_argument("--api-key", default=os.environ.get("NANOSERVE_API_KEY"), help="require this Bearer key (env NANOSERVE_API_KEY)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("NANOSERVE_API_KEY"),
+        help="require this Bearer key (env NANOSERVE_API_KEY)",
+    )
     serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch")
-    serve.add_argument("--max-num-batched-tokens", type=int, help="tokens in one step (default: 512 CPU, 2048 CUDA)")
-    serve.add_argument("--kv-cache-memory", type=parse_bytes, default=2 * GiB, help="KV pool size on the CPU (default 2GiB)")
-    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use (default 0.9)")
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="tokens in one step (default: 512 CPU, 2048 CUDA)",
+    )
+    serve.add_argument(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        default=2 * GiB,
+        help="KV pool size on the CPU (default 2GiB)",
+    )
+    serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="share of GPU memory to use (default 0.9)",
+    )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
     serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument(
+        "--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode"
+    )
+    serve.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--max-queued-requests", type=int, default=1024)
     serve.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
@@ -59,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="download and convert the default model")
     pull.add_argument("--force", action="store_true", help="convert again even if present")
 
-    convert = sub.add_parser("convert-gguf", help="convert a Llama-architecture GGUF to a HF folder")
+    convert = sub.add_parser(
+        "convert-gguf", help="convert a Llama-architecture GGUF to a HF folder"
+    )
     convert.add_argument("gguf_file")
     convert.add_argument("out_dir")
 

@@ -39,6 +39,8 @@ def serve(args: argparse.Namespace, model_dir: Path) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching,
         max_queued_requests=args.max_queued_requests,
+        attn_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
     )
     server_config = ServerConfig(
         host=args.host,

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.e2e.conftest import REPO_ROOT, ServerProcess
+import httpx
+import pytest
+
+from tests.e2e.conftest import REPO_ROOT, ServerProcess, start_server
 
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -114,3 +120,44 @@ def test_convert_gguf_bad_file(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert "bad.gguf" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_lets_a_stream_finish(default_model_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM mid-stream: the stream still gets every token and [DONE], new connections are
+    refused, and the process exits 0."""
+    srv = start_server(
+        default_model_dir, tmp_path / "server.log", "--kv-cache-memory", "64MiB",
+        "--max-model-len", "512",
+    )  # fmt: skip
+    try:
+        body = {"prompt": "Once", "max_tokens": 24, "ignore_eos": True, "stream": True}
+        with srv.http() as http, http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            events = [line for line in itertools.islice(lines, 6) if line.startswith("data: ")]
+            srv.proc.send_signal(signal.SIGTERM)
+            events += [line for line in itertools.islice(lines, 6) if line.startswith("data: ")]
+            with pytest.raises(httpx.ConnectError):  # no longer listening
+                httpx.get(f"{srv.base_url}/health", timeout=5)
+            events += [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 20
+        assert srv.proc.wait(30) == 0, srv.log()[-4000:]
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log()
+
+
+def test_readme_documents_every_serve_flag() -> None:
+    from server.cli import build_parser
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        assert f"nanoserve {name}" in readme
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    assert f"`{flag}`" in readme, f"{name} {flag} is not in README.md"

@@ -251,6 +251,24 @@ def test_api_key(strict_server: ServerProcess) -> None:
         assert r.choices[0].message.content
 
 
+def test_api_key_over_raw_http(strict_server: ServerProcess) -> None:
+    url = strict_server.base_url
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": API_KEY}):
+            r = http.get("/v1/models", headers=headers)
+            assert r.status_code == 401
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert r.json()["error"]["type"] == "authentication_error"
+        # a key that is not ASCII is refused like any wrong key, not a server error
+        r = http.get(
+            "/v1/models", headers={"Authorization": "Bearer schl\xfcssel".encode("latin-1")}
+        )
+        assert r.status_code == 401
+        # the probes need no key
+        assert http.get("/health").status_code == 200
+        assert http.get("/metrics").status_code == 200
+
+
 def test_body_too_large(strict_server: ServerProcess) -> None:
     with strict_server.openai() as c, pytest.raises(openai.APIStatusError) as info:
         c.chat.completions.create(

@@ -170,7 +170,5 @@ def test_stop_string_and_eos(engine, prompts):
     cut = engine.generate([prompts[0]], greedy(max_tokens=30, stop=[stop]))[0][0]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
     assert cut.text == full[: full.index(stop)]
-    natural = engine.generate(
-        [prompts[0]], SamplingParams(temperature=0.0, max_tokens=200)
-    )[0][0]
+    natural = engine.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=200))[0][0]
     assert natural.finish_reason == "stop" and natural.stop_reason is None
