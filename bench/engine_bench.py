@@ -136,11 +136,16 @@ def ours_decode(
             if isinstance(delta, Exception):
                 raise delta
             started.add(rid)
-        if is_decode:
-            assert len(outputs) == batch, "a decode step of a full batch samples every sequence"
+        # Prefill chunks stagger the batch by a few tokens: time only the steps in which every
+        # sequence decodes (not the tail where the earliest ones have finished).
+        if is_decode and len(outputs) == batch:
             step_times.append(dt)
-            # every sequence attends to its prompt plus the outputs so far (incl. this token)
-            ctx_tokens.append(sum(len(p) for p in prompts) + batch * (len(step_times) + 1))
+            # the step that samples output j reads a context of prompt + j - 1 tokens
+            ctx_tokens.append(
+                sum(len(p) for p in prompts)
+                + sum(delta.num_output_tokens - 1 for _, delta in outputs)
+            )
+    assert step_times, "no decode step with the whole batch: raise --decode-new-tokens"
     total_s = sum(step_times)
     step_s = total_s / len(step_times)
     mean_ctx = sum(ctx_tokens) / len(ctx_tokens)
@@ -402,7 +407,10 @@ def run(args, model_dir: Path, is_cuda: bool) -> int:
     decode_prompts = {b: random_prompts(rng, [args.decode_prompt_len] * b, vocab) for b in batches}
     # Warm-up: a prefill and a few batched decode steps at the largest batch.
     warm = random_prompts(rng, [args.decode_prompt_len] * max(batches or [4]), vocab)
-    ours_decode(engine, warm, 4, weight_bytes, kv_bytes_per_token)
+    num_prefill_steps = -(
+        -len(warm) * args.decode_prompt_len // engine.config.max_num_batched_tokens
+    )
+    ours_decode(engine, warm, 4 + num_prefill_steps, weight_bytes, kv_bytes_per_token)
 
     # On the CPU both models fit: interleave the measurements so load drifts hit both alike.
     hf = load_hf(model_dir, device, dtype) if run_hf and not is_cuda else None
@@ -457,7 +465,11 @@ def run(args, model_dir: Path, is_cuda: bool) -> int:
         except Exception as exc:  # optional baseline: an API change must not end the run
             hf_tp = f"unavailable: {type(exc).__name__}: {exc}"
 
-    print(f"\nsummary (load average {load_average()}):")
+    # Bandwidth again at the end (a busy machine lowers it); the best of both is the roofline.
+    bandwidth = max(
+        bandwidth, measure_copy_bandwidth_gbs(device, (2 * GiB) if is_cuda else (512 << 20))
+    )
+    print(f"\nsummary (load average {load_average()}; copy bandwidth {bandwidth:.1f} GB/s):")
     if ours_tp is not None:
         elapsed, num_out = ours_tp
         ours_tps = num_out / elapsed

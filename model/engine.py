@@ -151,7 +151,10 @@ class LLMEngine:
             fits = num_blocks * config.block_size
             if num_blocks < 2:
                 raise ValueError("the KV cache budget does not hold a single block; raise it")
-            logger.warning(
+            # An explicit --max-model-len that does not fit deserves a warning; the model's own
+            # context length is only a ceiling.
+            log = logger.warning if config.max_model_len else logger.info
+            log(
                 "KV cache holds %d tokens, fewer than max_model_len %d; max_model_len lowered",
                 fits,
                 self.max_model_len,

@@ -23,10 +23,12 @@ def serve(args: argparse.Namespace, model_dir: Path) -> int:
     from model.config import ModelConfig
     from model.engine import EngineConfig
     from model.tokenizer import Tokenizer
+    from model.weights import checkpoint_files
 
     # Cheap checks first, so a broken folder fails in a second with one line (exit 2).
     ModelConfig.from_dir(model_dir)
     Tokenizer.from_dir(model_dir)
+    checkpoint_files(model_dir)
     engine_config = EngineConfig(
         model_dir=str(model_dir),
         device=args.device,

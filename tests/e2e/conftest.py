@@ -159,11 +159,13 @@ def start_server(
 
 
 def stop_and_check(server: ServerProcess) -> None:
-    """SIGTERM must drain and exit 0, with no traceback anywhere in the log."""
+    """SIGTERM must drain and exit 0, with no error or traceback anywhere in the log."""
     code = server.stop()
     log = server.log()
     assert code == 0, f"server exited with {code} after SIGTERM:\n{log[-4000:]}"
     assert "Traceback" not in log, log[-8000:]
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert not errors, "\n".join(errors[:20])
 
 
 @pytest.fixture(scope="session")

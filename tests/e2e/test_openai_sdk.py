@@ -178,6 +178,22 @@ def test_tools_auto_returns_content_or_tool_calls(
     else:
         assert isinstance(choice.message.content, str) and choice.message.content
         assert choice.finish_reason in ("stop", "length")
+    # streamed, the same answer arrives as content deltas or tool-call deltas
+    stream = client.chat.completions.create(
+        model=server.model,
+        messages=messages,
+        tools=[WEATHER_TOOL],
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+    )
+    with stream:
+        chunks = [c for c in stream if c.choices]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    names = [t.function.name for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    assert names == [t.function.name for t in choice.message.tool_calls or []]
+    assert content == (choice.message.content or "")
 
 
 def test_tool_result_conversation(client: openai.OpenAI, server: ServerProcess) -> None:

@@ -150,3 +150,19 @@ def test_32_concurrent_streams_match_a_lone_request(server: ServerProcess) -> No
     for i, text in enumerate(together):
         assert text == alone[i % len(prompts)], f"stream {i} differs"
     server.wait_idle()
+
+
+def test_a_slow_reader_loses_nothing(server: ServerProcess, http: httpx.Client) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    with (
+        server.http() as client,
+        client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r,
+    ):
+        lines = r.iter_lines()
+        first = next(lines)
+        time.sleep(2.0)  # the server generates the rest meanwhile
+        events = sse_events([first, *lines])
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert text == whole
