@@ -26,28 +26,11 @@ sequence exits at once. The extend path sizes its grid from `meta.max_query_len`
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
 from model.attention import AttentionMetadata
-
-if importlib.util.find_spec("triton") is not None:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-else:  # CPU-only torch wheels ship without triton: keep the module importable.
-    HAS_TRITON = False
-
-    class _NoTriton:
-        constexpr = object
-
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _NoTriton()
+from model.triton_ops import HAS_TRITON, tl, triton
 
 LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 32
