@@ -6,8 +6,8 @@
         --llama-cpp-python /path/to/venv/bin/python --concurrency 16,64
 
 Sends --num-requests streaming /v1/completions requests (default 2 x concurrency) with at most
---concurrency in flight, each a distinct prompt of --prompt-len tokens (random words trimmed with
-the default model's tokenizer) and --output-len output tokens (temperature 0, `ignore_eos` and
+--concurrency in flight, each a distinct prompt of --prompt-len tokens (random words cut with
+the default model's tokenizer, ending in a counting sequence) and --output-len output tokens (temperature 0, `ignore_eos` and
 `min_tokens` for servers that honour them). The client is raw asyncio HTTP/1.1 (uvloop when
 installed), one connection per request, so it stays light next to the server on a small machine.
 
@@ -19,8 +19,9 @@ inter-token latency (gaps between content chunks), each p50/p99 in ms, and the l
 --compare-llama-cpp then starts llama-cpp-python's OpenAI server (`python -m llama_cpp.server`,
 from the venv given by --llama-cpp-python) on the same model's GGUF with
 `--interrupt_requests False`, runs the same load, and prints ours/llama.cpp ratios of output
-tok/s and TTFT p50. llama-cpp-python ignores `ignore_eos`/`min_tokens`, so its requests carry a
-`logit_bias` of -100 on the end-of-turn tokens instead; the token counts it reached are printed.
+tok/s and TTFT p50. llama-cpp-python ignores `ignore_eos` (its `min_tokens` bans one EOS id of
+several), so the prompts end in a counting sequence that greedy decoding continues to the full
+length; the tokens each request really got are printed (column tok/req).
 """
 
 from __future__ import annotations
@@ -47,131 +48,18 @@ if __package__ in (None, ""):
 
 from bench.common import REPO_ROOT, free_port, load_average, percentile, ratio
 
-WORDS = [
-    "time",
-    "year",
-    "people",
-    "way",
-    "day",
-    "man",
-    "thing",
-    "woman",
-    "life",
-    "child",
-    "world",
-    "school",
-    "state",
-    "family",
-    "student",
-    "group",
-    "country",
-    "problem",
-    "hand",
-    "part",
-    "place",
-    "case",
-    "week",
-    "company",
-    "system",
-    "program",
-    "question",
-    "work",
-    "government",
-    "number",
-    "night",
-    "point",
-    "home",
-    "water",
-    "room",
-    "mother",
-    "area",
-    "money",
-    "story",
-    "fact",
-    "month",
-    "lot",
-    "right",
-    "study",
-    "book",
-    "eye",
-    "job",
-    "word",
-    "business",
-    "issue",
-    "side",
-    "kind",
-    "head",
-    "house",
-    "service",
-    "friend",
-    "father",
-    "power",
-    "hour",
-    "game",
-    "line",
-    "end",
-    "member",
-    "law",
-    "car",
-    "city",
-    "community",
-    "name",
-    "president",
-    "team",
-    "minute",
-    "idea",
-    "kid",
-    "body",
-    "information",
-    "back",
-    "parent",
-    "face",
-    "others",
-    "level",
-    "office",
-    "door",
-    "health",
-    "person",
-    "art",
-    "war",
-    "history",
-    "party",
-    "result",
-    "change",
-    "morning",
-    "reason",
-    "research",
-    "girl",
-    "guy",
-    "moment",
-    "air",
-    "teacher",
-    "force",
-    "education",
-    "river",
-    "mountain",
-    "garden",
-    "music",
-    "window",
-    "table",
-    "letter",
-    "market",
-    "paper",
-    "bridge",
-    "island",
-    "forest",
-    "summer",
-    "winter",
-    "bread",
-    "coffee",
-    "engine",
-    "signal",
-    "planet",
-    "ocean",
-    "valley",
-    "castle",
-    "doctor",
-]
+_WORDS_TEXT = (
+    "time year people way day man thing woman life child world school state family student "
+    "group country problem hand part place case week company system program question work "
+    "government number night point home water room mother area money story fact month lot "
+    "right study book eye job word business issue side kind head house service friend father "
+    "power hour game line end member law car city community name president team minute idea "
+    "kid body information back parent face others level office door health person art war "
+    "history party result change morning reason research girl guy moment air teacher force "
+    "education river mountain garden music window table letter market paper bridge island "
+    "forest summer winter bread coffee engine signal planet ocean valley castle doctor"
+)
+WORDS = _WORDS_TEXT.split()
 DEFAULT_TARGETS = "C=16: output tok/s >= 1.5x, TTFT p50 <= 0.1x; C=64: output tok/s >= 2.5x"
 
 
@@ -336,18 +224,28 @@ async def run_level(
 
 
 def make_prompts(num: int, prompt_len: int, seed: int) -> list[str]:
-    """Distinct prompts of about `prompt_len` tokens (exact with the default model's tokenizer),
-    so no prefix cache shortens any of them."""
+    """Distinct prompts of about `prompt_len` tokens (exact with the default model's tokenizer).
+
+    Each starts with its own random words, so no prefix cache shortens it, and ends in a
+    counting sequence, which a model continues rather than ending its answer: servers that
+    ignore `ignore_eos` then still produce the full output length (almost always).
+    """
     rng = random.Random(seed)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(prompt_len + 8)) for _ in range(num)]
+    texts = []
+    for _ in range(num):
+        # about prompt_len words, then digits (one token each) for the last half or so
+        words = " ".join(rng.choice(WORDS) for _ in range(prompt_len))
+        start = rng.randrange(100, 900)
+        count = ", ".join(str(n) for n in range(start, start + max(prompt_len // 10, 3)))
+        texts.append(f"{words}. {count}")
     try:
         from model.default_model import default_model_dir
         from model.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(default_model_dir())
-    except Exception:  # no default model here: words are close to one token each
-        return [" ".join(t.split()[:prompt_len]) for t in texts]
-    return [tokenizer.decode(tokenizer.encode(t)[:prompt_len]) for t in texts]
+    except Exception:  # no default model here: about one token per word or digit
+        return [t[: 3 * prompt_len] for t in texts]
+    return [tokenizer.decode(tokenizer.encode(t)[-prompt_len:]) for t in texts]
 
 
 def make_bodies(args, model: str, prompts: list[str], extra: dict) -> list[bytes]:
@@ -542,7 +440,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="16", help="comma-separated levels, e.g. 16,64")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="prompt seed (default: from the clock, printed; a repeated seed against the same\n"
+        "server finds its prompts in the prefix cache)",
+    )
     p.add_argument("--launch", action="store_true", help="start nanoserve on a free port")
     p.add_argument("--model-dir", help="--launch: model folder (default: the default model)")
     p.add_argument("--server-args", default="", help="--launch: extra `nanoserve serve` flags")
@@ -555,13 +458,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gguf", help="GGUF for llama.cpp (default: the default model's)")
     p.add_argument("--llama-cpp-threads", type=int, help="default: all CPUs")
     p.add_argument(
-        "--eos-ids",
-        default="0,2",
-        help="token ids llama.cpp gets a -100 logit_bias on (it ignores ignore_eos)",
+        "--llama-cpp-eos-bias",
+        default="",
+        metavar="IDS",
+        help="comma-separated token ids llama.cpp gets a -100 logit_bias on (e.g. 0,2,4, its\n"
+        "end-of-generation ids); off by default: it runs a Python logits processor per token",
     )
     p.add_argument("--startup-timeout", type=float, default=600.0)
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.seed is None:
+        args.seed = int(time.time()) % 100_000
     return args
 
 
@@ -573,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     print(
         f"serve_bench: prompt {args.prompt_len} tokens, output {args.output_len} tokens, "
-        f"concurrency {args.concurrency}, load average {load_average()}",
+        f"concurrency {args.concurrency}, seed {args.seed}, load average {load_average()}",
         flush=True,
     )
     ours: list[LevelResult] = []
@@ -590,9 +497,10 @@ def main(argv: list[str] | None = None) -> int:
         gguf = find_gguf(args.gguf)
         port = free_port()
         cmd = llama_cpp_command(args, port, gguf)
-        bias = {str(int(t)): -100 for t in args.eos_ids.split(",") if t.strip()}
+        bias = {str(int(t)): -100 for t in args.llama_cpp_eos_bias.split(",") if t.strip()}
+        extra = {"logit_bias": bias} if bias else {}
         with launched(cmd, "/v1/models", port, "llama-cpp-python", args.startup_timeout) as url:
-            theirs = bench_server("llama.cpp", url, args, {"logit_bias": bias}, None)
+            theirs = bench_server("llama.cpp", url, args, extra, None)
     print(f"\nsummary (load average {load_average()}):")
     print(HEADER)
     for level in ours + theirs:
