@@ -6,13 +6,18 @@ Runnable scripts in bench/ call `add_repo_to_path()` first so `python bench/x.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,11 +61,57 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure_copy_bandwidth_gbs(device: str = "cpu", num_bytes: int = 512 << 20) -> float:
-    """Achievable memory bandwidth: best of several large tensor copies, read + write bytes / s.
+def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
 
-    The buffers are far larger than any cache, so this is the roofline a memory-bound decode
-    step can approach.
+
+def wait_ready(url: str, proc: subprocess.Popen | None, path: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before it was ready")
+        with contextlib.suppress(OSError):
+            if http_get(url + path, timeout_s=2.0)[0] == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}{path} not ready after {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def launched(cmd: list[str], ready_path: str, port: int, log_name: str, timeout_s: float):
+    """Start a server subprocess, wait until `ready_path` answers 200, stop it on exit."""
+    with tempfile.NamedTemporaryFile(prefix=f"{log_name}-", suffix=".log", delete=False) as log:
+        print(f"starting {log_name}: {' '.join(cmd)} (log {log.name})", flush=True)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            t0 = time.perf_counter()
+            wait_ready(url, proc, ready_path, timeout_s)
+            print(f"{log_name} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+            yield url
+        except Exception:
+            log.flush()
+            print(Path(log.name).read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def measure_bandwidth_gbs(device: str = "cpu", num_bytes: int = 512 << 20) -> tuple[float, float]:
+    """Achievable memory bandwidth in GB/s: (copy, read).
+
+    copy: a large tensor copy, (read + write bytes) / time; read: a sum over the same tensor,
+    bytes read / time (what a decode step does with its weights). Best of several runs; the
+    buffers are far larger than any cache.
     """
     import torch
 
@@ -68,17 +119,22 @@ def measure_copy_bandwidth_gbs(device: str = "cpu", num_bytes: int = 512 << 20) 
     src = torch.ones(numel, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     is_cuda = src.device.type == "cuda"
-    best = math.inf
-    for _ in range(8):
-        if is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        if is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    del src, dst
-    return 2 * numel * 4 / best / 1e9
+
+    def best_s(fn) -> float:
+        best = math.inf
+        for _ in range(8):
+            if is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if is_cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    copy_gbs = 2 * numel * 4 / best_s(lambda: dst.copy_(src)) / 1e9
+    read_gbs = numel * 4 / best_s(src.sum) / 1e9
+    return copy_gbs, read_gbs
 
 
 # ---- random-weight checkpoints of well-known shapes ---------------------------------------

@@ -12,7 +12,8 @@ Measures, in one process, after a warm-up and with a fixed seed:
   (b) decode tok/s at each --decode-batches size (prompt --decode-prompt-len tokens, then
       --decode-new-tokens tokens, ignore_eos), timed over the decode steps only, with the
       memory traffic of a step (weights + the KV read) / step time in GB/s, its share of the
-      machine's copy bandwidth (measured in the same run), and the roofline tok/s it implies.
+      machine's bandwidth (a large tensor copy and a large sum, measured in the same run), and
+      the roofline tok/s that bandwidth implies.
       Baselines: transformers' `generate` at batch 1 and a fixed-batch greedy decode loop
       (model forward with its DynamicCache) at every batch size.
 Prints every figure and ours/HF ratios with the targets of the CPU default-model run.
@@ -29,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -38,7 +39,7 @@ if __package__ in (None, ""):
 from bench.common import (
     SHAPES,
     load_average,
-    measure_copy_bandwidth_gbs,
+    measure_bandwidth_gbs,
     ratio,
     write_random_checkpoint,
 )
@@ -363,21 +364,36 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(d, ignore_errors=True)
 
 
+@dataclass
+class Results:
+    copy_gbs: float
+    read_gbs: float
+    prompt_lens: list[int]
+    ours_tp: tuple[float, int] | None = None  # (seconds, output tokens)
+    hf_tp: tuple[float, int] | str | None = None  # or why it is unavailable
+    decode_ours: dict[int, DecodeResult] = field(default_factory=dict)
+    decode_hf: dict[int, DecodeResult] = field(default_factory=dict)
+    hf_generate_b1: float | None = None
+
+    def keep_best(self, results: dict[int, DecodeResult], batch: int, new: DecodeResult) -> None:
+        if batch not in results or new.tok_s > results[batch].tok_s:
+            results[batch] = new
+
+
 def run(args, model_dir: Path, is_cuda: bool) -> int:
     import torch
 
     device, dtype = args.device, getattr(torch, args.dtype)
-    run_hf = not args.no_hf
-    run_cb = run_hf and args.hf_throughput == "on"
     rng = random.Random(args.seed)
     print(
         f"engine_bench: model {model_dir.name} ({model_dir}), device {device}, dtype {args.dtype}"
     )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {load_average()}")
+    buffer_bytes = (2 * GiB) if is_cuda else (512 << 20)
+    copy_gbs, read_gbs = measure_bandwidth_gbs(device, buffer_bytes)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}"
+        f"memory bandwidth: copy (read + write) {copy_gbs:.1f} GB/s, read (sum) {read_gbs:.1f} GB/s"
     )
-    bandwidth = measure_copy_bandwidth_gbs(device, (2 * GiB) if is_cuda else (512 << 20))
-    print(f"memory bandwidth (large tensor copy, read + write): {bandwidth:.1f} GB/s")
 
     batches = args.decode_batches if "decode" in args.parts else []
     do_throughput = "throughput" in args.parts
@@ -407,48 +423,36 @@ def run(args, model_dir: Path, is_cuda: bool) -> int:
     decode_prompts = {b: random_prompts(rng, [args.decode_prompt_len] * b, vocab) for b in batches}
     # Warm-up: a prefill and a few batched decode steps at the largest batch.
     warm = random_prompts(rng, [args.decode_prompt_len] * max(batches or [4]), vocab)
-    num_prefill_steps = -(
-        -len(warm) * args.decode_prompt_len // engine.config.max_num_batched_tokens
-    )
+    budget = engine.config.max_num_batched_tokens
+    num_prefill_steps = -(-len(warm) * args.decode_prompt_len // budget)
     ours_decode(engine, warm, 4 + num_prefill_steps, weight_bytes, kv_bytes_per_token)
 
+    res = Results(copy_gbs, read_gbs, prompt_lens)
+    run_hf = not args.no_hf
     # On the CPU both models fit: interleave the measurements so load drifts hit both alike.
     hf = load_hf(model_dir, device, dtype) if run_hf and not is_cuda else None
-    ours_tp: tuple[float, int] | None = None
-    hf_tp: tuple[float, int] | str | None = None
-    decode_ours: dict[int, DecodeResult] = {}
-    decode_hf: dict[int, DecodeResult] = {}
-    hf_gen_b1: float | None = None
-
-    def best(results: dict[int, DecodeResult], batch: int, new: DecodeResult) -> None:
-        if batch not in results or new.tok_s > results[batch].tok_s:
-            results[batch] = new
 
     def measure_hf_decode(batch: int) -> None:
-        nonlocal hf_gen_b1
         prompts = decode_prompts[batch]
         hf_loop_decode(hf, prompts, 3, device, bytes_of_step)  # warm-up
-        best(
-            decode_hf,
-            batch,
-            hf_loop_decode(hf, prompts, args.decode_new_tokens, device, bytes_of_step),
-        )
+        new = hf_loop_decode(hf, prompts, args.decode_new_tokens, device, bytes_of_step)
+        res.keep_best(res.decode_hf, batch, new)
         if batch == 1:
             tok_s = hf_generate_decode(hf, prompts[0], args.decode_new_tokens, device)
-            hf_gen_b1 = max(hf_gen_b1 or 0.0, tok_s)
+            res.hf_generate_b1 = max(res.hf_generate_b1 or 0.0, tok_s)
 
     if do_throughput:
-        ours_tp = ours_throughput(engine, tp_prompts, output_lens)
+        res.ours_tp = ours_throughput(engine, tp_prompts, output_lens)
     for batch in batches:
         for _ in range(args.repeats):
-            result = ours_decode(
+            new = ours_decode(
                 engine,
                 decode_prompts[batch],
                 args.decode_new_tokens,
                 weight_bytes,
                 kv_bytes_per_token,
             )
-            best(decode_ours, batch, result)
+            res.keep_best(res.decode_ours, batch, new)
             if hf is not None:
                 measure_hf_decode(batch)
     if run_hf and is_cuda:  # free our weights and KV pool before loading the baseline
@@ -459,66 +463,71 @@ def run(args, model_dir: Path, is_cuda: bool) -> int:
         for batch in batches:
             for _ in range(args.repeats):
                 measure_hf_decode(batch)
-    if run_cb and do_throughput:
+    if run_hf and args.hf_throughput == "on" and do_throughput:
         try:
-            hf_tp = hf_continuous_batching(hf, tp_prompts, output_lens)
+            res.hf_tp = hf_continuous_batching(hf, tp_prompts, output_lens)
         except Exception as exc:  # optional baseline: an API change must not end the run
-            hf_tp = f"unavailable: {type(exc).__name__}: {exc}"
-
+            res.hf_tp = f"unavailable: {type(exc).__name__}: {exc}"
     # Bandwidth again at the end (a busy machine lowers it); the best of both is the roofline.
-    bandwidth = max(
-        bandwidth, measure_copy_bandwidth_gbs(device, (2 * GiB) if is_cuda else (512 << 20))
+    copy_gbs, read_gbs = measure_bandwidth_gbs(device, buffer_bytes)
+    res.copy_gbs, res.read_gbs = max(res.copy_gbs, copy_gbs), max(res.read_gbs, read_gbs)
+    report(args, res)
+    return 0
+
+
+def report(args, res: Results) -> None:
+    print(
+        f"\nsummary (load average {load_average()}; bandwidth: copy {res.copy_gbs:.1f} GB/s, "
+        f"read {res.read_gbs:.1f} GB/s):"
     )
-    print(f"\nsummary (load average {load_average()}; copy bandwidth {bandwidth:.1f} GB/s):")
-    if ours_tp is not None:
-        elapsed, num_out = ours_tp
+    if res.ours_tp is not None:
+        elapsed, num_out = res.ours_tp
+        num_prompt = sum(res.prompt_lens)
         ours_tps = num_out / elapsed
         print(
             f"  throughput: {args.num_seqs} seqs, prompt and output lengths uniform in "
-            f"[{args.min_len}, {args.max_len}] ({sum(prompt_lens)} prompt + {num_out} output "
+            f"[{args.min_len}, {args.max_len}] ({num_prompt} prompt + {num_out} output "
             "tokens, greedy, ignore_eos)"
         )
         print(
             f"    ours              {ours_tps:9.1f} output tok/s ({elapsed:.2f} s; "
-            f"{(sum(prompt_lens) + num_out) / elapsed:.1f} prompt+output tok/s)"
+            f"{(num_prompt + num_out) / elapsed:.1f} prompt+output tok/s)"
         )
-        if isinstance(hf_tp, tuple):
-            hf_tps = hf_tp[1] / hf_tp[0]
+        if isinstance(res.hf_tp, tuple):
+            hf_s, hf_out = res.hf_tp
             print(
-                f"    HF generate_batch {hf_tps:9.1f} output tok/s ({hf_tp[0]:.2f} s, "
-                f"{hf_tp[1]} tokens)   ours/HF {ratio(ours_tps, hf_tps)}"
+                f"    HF generate_batch {hf_out / hf_s:9.1f} output tok/s ({hf_s:.2f} s, "
+                f"{hf_out} tokens)   ours/HF {ratio(ours_tps, hf_out / hf_s)}"
             )
-        elif hf_tp is not None:
-            print(f"    HF generate_batch {hf_tp}")
-    if batches:
+        elif res.hf_tp is not None:
+            print(f"    HF generate_batch {res.hf_tp}")
+    if res.decode_ours:
         print(
             f"  decode: prompt {args.decode_prompt_len} tokens then {args.decode_new_tokens} new, "
             "greedy, ignore_eos; decode steps only; GB/s = (weights + KV read) / step time"
         )
-    for batch in batches:
-        ours = decode_ours[batch]
-        roofline = batch * bandwidth * 1e9 / ours.bytes_per_step
+    for batch, ours in res.decode_ours.items():
+        roofline = batch * res.read_gbs * 1e9 / ours.bytes_per_step
         print(
             f"    b={batch:<3d} ours       {ours.tok_s:8.1f} tok/s {ours.step_s * 1e3:7.1f} ms/step "
-            f"{ours.gb_s:6.1f} GB/s ({ours.gb_s / bandwidth:4.0%} of copy bw; roofline "
-            f"{roofline:.0f} tok/s)"
+            f"{ours.gb_s:6.1f} GB/s = {ours.gb_s / res.read_gbs:4.0%} of read bw, "
+            f"{ours.gb_s / res.copy_gbs:4.0%} of copy bw (read roofline {roofline:.0f} tok/s)"
         )
-        theirs = decode_hf.get(batch)
+        theirs = res.decode_hf.get(batch)
         if theirs is not None:
             print(
                 f"          HF loop    {theirs.tok_s:8.1f} tok/s {theirs.step_s * 1e3:7.1f} ms/step "
                 f"{theirs.gb_s:6.1f} GB/s   ours/HF loop {ratio(ours.tok_s, theirs.tok_s)}"
             )
-        if batch == 1 and hf_gen_b1 is not None:
+        if batch == 1 and res.hf_generate_b1 is not None:
             print(
-                f"          HF generate {hf_gen_b1:7.1f} tok/s"
-                f"{'':33s}ours/HF generate {ratio(ours.tok_s, hf_gen_b1)}"
+                f"          HF generate {res.hf_generate_b1:7.1f} tok/s{'':33s}ours/HF generate "
+                f"{ratio(ours.tok_s, res.hf_generate_b1)}"
             )
     print(
         "targets (default model, 2 CPU cores, fp32): b=1 ours/HF generate >= 1.0x; "
         "b=64 ours/HF loop >= 1.0x"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ Per concurrency level it prints: successful requests, duration, request/s, outpu
 TTFT (time to the first content chunk), TPOT ((end - first token) / (tokens - 1)) and
 inter-token latency (gaps between content chunks), each p50/p99 in ms, and the load average.
 
---launch starts `python -m server serve` on a free port and stops it afterwards.
---compare-llama-cpp then starts llama-cpp-python's OpenAI server (`python -m llama_cpp.server`,
+--launch starts `python -m server serve` on a free port and stops it afterwards (without it,
+the server at --url is loaded). --compare-llama-cpp also starts llama-cpp-python's OpenAI server (`python -m llama_cpp.server`,
 from the venv given by --llama-cpp-python) on the same model's GGUF with
-`--interrupt_requests False`, runs the same load, and prints ours/llama.cpp ratios of output
-tok/s and TTFT p50. llama-cpp-python ignores `ignore_eos` (its `min_tokens` bans one EOS id of
+`--interrupt_requests False`, runs the same load on both, level by level, one server at a
+time, and prints ours/llama.cpp ratios of output tok/s, TTFT p50 and TPOT p50. llama-cpp-python ignores `ignore_eos` (its `min_tokens` bans one EOS id of
 several), so the prompts end in a counting sequence that greedy decoding continues to the full
 length; the tokens each request really got are printed (column tok/req).
 """
@@ -32,9 +32,7 @@ import contextlib
 import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +44,7 @@ from urllib.parse import urlsplit
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO_ROOT, free_port, load_average, percentile, ratio
+from bench.common import free_port, launched, load_average, percentile, ratio
 
 _WORDS_TEXT = (
     "time year people way day man thing woman life child world school state family student "
@@ -165,7 +163,7 @@ async def stream_request(host: str, port: int, path: str, body: bytes, api_key: 
                 if not data:
                     break
             now = time.perf_counter()
-            buffer += data.replace(b"\r\n", b"\n")
+            buffer = (buffer + data).replace(b"\r\n", b"\n")
             *events, buffer = buffer.split(b"\n\n")
             for raw in events:
                 for line in raw.split(b"\n"):
@@ -269,57 +267,12 @@ def make_bodies(args, model: str, prompts: list[str], extra: dict) -> list[bytes
 # ---- servers ----------------------------------------------------------------------------------
 
 
-def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-
-
-def wait_ready(url: str, proc: subprocess.Popen | None, path: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before it was ready")
-        with contextlib.suppress(OSError):
-            if http_get(url + path, timeout_s=2.0)[0] == 200:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}{path} not ready after {timeout_s:.0f} s")
-
-
 def served_model(url: str, api_key: str | None) -> str:
     request = urllib.request.Request(url + "/v1/models")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())["data"][0]["id"]
-
-
-@contextlib.contextmanager
-def launched(cmd: list[str], ready_path: str, port: int, log_name: str, timeout_s: float):
-    """Start a server subprocess, wait until `ready_path` answers 200, stop it on exit."""
-    with tempfile.NamedTemporaryFile(prefix=f"{log_name}-", suffix=".log", delete=False) as log:
-        print(f"starting {log_name}: {' '.join(cmd)} (log {log.name})", flush=True)
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            t0 = time.perf_counter()
-            wait_ready(url, proc, ready_path, timeout_s)
-            print(f"{log_name} ready in {time.perf_counter() - t0:.1f} s", flush=True)
-            yield url
-        except Exception:
-            log.flush()
-            print(Path(log.name).read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def ours_command(args, port: int) -> list[str]:
@@ -382,25 +335,42 @@ def llama_cpp_command(args, port: int, gguf: Path) -> list[str]:
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def bench_server(
-    name: str, url: str, args, extra_body: dict, api_key: str | None
-) -> list[LevelResult]:
-    model = args.model or served_model(url, api_key)
-    levels = []
-    warm = make_bodies(args, model, make_prompts(2, args.prompt_len, args.seed + 999), extra_body)
-    for body in warm:  # warm-up: two short sequential requests
+@dataclass
+class Target:
+    """One server under load and how to talk to it."""
+
+    name: str
+    url: str
+    api_key: str | None
+    extra_body: dict = field(default_factory=dict)
+    model: str = ""
+
+
+def run_async(coro):
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def warm_up(target: Target, args) -> None:
+    """Two short sequential requests."""
+    prompts = make_prompts(2, args.prompt_len, args.seed + 999)
+    for body in make_bodies(args, target.model, prompts, target.extra_body):
         data = json.loads(body)
         data["max_tokens"] = data["min_tokens"] = 8
-        asyncio.run(run_level(url, [json.dumps(data).encode()], 1, api_key))
-    for concurrency in args.concurrency:
-        num = args.num_requests or 2 * concurrency
-        prompts = make_prompts(num, args.prompt_len, args.seed + concurrency)
-        bodies = make_bodies(args, model, prompts, extra_body)
-        results, duration = asyncio.run(run_level(url, bodies, concurrency, api_key))
-        level = LevelResult(name, concurrency, results, duration, load_average())
-        print_level(level, args.output_len)
-        levels.append(level)
-    return levels
+        run_async(run_level(target.url, [json.dumps(data).encode()], 1, target.api_key))
+
+
+def bench_level(target: Target, args, concurrency: int) -> LevelResult:
+    num = args.num_requests or 2 * concurrency
+    prompts = make_prompts(num, args.prompt_len, args.seed + concurrency)
+    bodies = make_bodies(args, target.model, prompts, target.extra_body)
+    results, duration = run_async(run_level(target.url, bodies, concurrency, target.api_key))
+    level = LevelResult(target.name, concurrency, results, duration, load_average())
+    print_level(level, args.output_len)
+    return level
 
 
 HEADER = (
@@ -474,33 +444,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
     print(
         f"serve_bench: prompt {args.prompt_len} tokens, output {args.output_len} tokens, "
         f"concurrency {args.concurrency}, seed {args.seed}, load average {load_average()}",
         flush=True,
     )
-    ours: list[LevelResult] = []
-    if args.launch:
-        port = free_port()
-        with launched(
-            ours_command(args, port), "/health", port, "nanoserve", args.startup_timeout
-        ) as url:
-            ours = bench_server("nanoserve", url, args, {}, args.api_key)
-    elif not args.compare_llama_cpp:
-        ours = bench_server("server", args.url.rstrip("/"), args, {}, args.api_key)
-    theirs: list[LevelResult] = []
-    if args.compare_llama_cpp:
-        gguf = find_gguf(args.gguf)
-        port = free_port()
-        cmd = llama_cpp_command(args, port, gguf)
-        bias = {str(int(t)): -100 for t in args.llama_cpp_eos_bias.split(",") if t.strip()}
-        extra = {"logit_bias": bias} if bias else {}
-        with launched(cmd, "/v1/models", port, "llama-cpp-python", args.startup_timeout) as url:
-            theirs = bench_server("llama.cpp", url, args, extra, None)
+    levels: dict[str, list[LevelResult]] = {}
+    with contextlib.ExitStack() as stack:
+        targets = []
+        if args.launch:
+            port = free_port()
+            cmd = ours_command(args, port)
+            url = stack.enter_context(
+                launched(cmd, "/health", port, "nanoserve", args.startup_timeout)
+            )
+            targets.append(Target("nanoserve", url, args.api_key))
+        else:
+            targets.append(Target("server", args.url.rstrip("/"), args.api_key))
+        if args.compare_llama_cpp:
+            port = free_port()
+            cmd = llama_cpp_command(args, port, find_gguf(args.gguf))
+            url = stack.enter_context(
+                launched(cmd, "/v1/models", port, "llama-cpp-python", args.startup_timeout)
+            )
+            bias = {str(int(t)): -100 for t in args.llama_cpp_eos_bias.split(",") if t.strip()}
+            targets.append(Target("llama.cpp", url, None, {"logit_bias": bias} if bias else {}))
+        for target in targets:
+            target.model = args.model or served_model(target.url, target.api_key)
+            warm_up(target, args)
+        # Level by level, server after server (the idle one sleeps): a drift in the machine's
+        # load hits both sides of each ratio alike.
+        for concurrency in args.concurrency:
+            for target in targets:
+                levels.setdefault(target.name, []).append(bench_level(target, args, concurrency))
+    ours = levels[targets[0].name]
+    theirs = levels.get("llama.cpp", [])
     print(f"\nsummary (load average {load_average()}):")
     print(HEADER)
     for level in ours + theirs:
