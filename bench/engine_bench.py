@@ -397,11 +397,14 @@ def run(args, model_dir: Path, is_cuda: bool) -> int:
 
     batches = args.decode_batches if "decode" in args.parts else []
     do_throughput = "throughput" in args.parts
-    max_model_len = max(2 * args.max_len, args.decode_prompt_len + args.decode_new_tokens) + 16
+    max_model_len = args.decode_prompt_len + args.decode_new_tokens + 16
+    if do_throughput:
+        max_model_len = max(max_model_len, 2 * args.max_len + 16)
     max_num_seqs = max([args.num_seqs if do_throughput else 1, *batches])
     kv_tokens = max(
         2 * args.max_len * args.num_seqs if do_throughput else 0,
         max(batches or [4]) * (args.decode_prompt_len + args.decode_new_tokens),
+        max_model_len,
     )
     t0 = time.perf_counter()
     engine = build_engine(args, model_dir, max_model_len, max_num_seqs, kv_tokens)
