@@ -306,7 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--kv-cache-gib", type=float, help="CPU KV pool size (default: what the workload needs)"
     )
     p.add_argument(
-        "--repeats", type=int, default=2, help="decode runs per side, alternating; best is kept"
+        "--repeats", type=int, default=3, help="decode runs per side, alternating; best is kept"
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
