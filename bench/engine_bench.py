@@ -95,6 +95,7 @@ def build_engine(args, model_dir: Path, max_model_len: int, max_num_seqs: int, k
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory_bytes=kv_bytes,
             gpu_memory_utilization=args.gpu_memory_utilization,
+            cpu_packed_weights=not args.plain_linear,
         )
     )
 
@@ -159,13 +160,21 @@ def ours_decode(
 
 def model_bytes(engine) -> tuple[int, int]:
     """(weight bytes one decode step reads, KV bytes per token of context)."""
+    from model.llama import Linear
+
     model = engine.runner.model
+    elem = engine.runner.kv_cache.element_size()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Layers running from oneDNN-packed weights have released their plain ones: count the shape.
+    weight_bytes += sum(
+        m.in_features * m.out_features * elem
+        for m in model.modules()
+        if isinstance(m, Linear) and m.weight is None
+    )
     if model.lm_head is not None:  # untied: a step reads only a few embedding rows
         emb = model.model.embed_tokens.weight
         weight_bytes -= emb.numel() * emb.element_size()
     mc = engine.model_config
-    elem = engine.runner.kv_cache.element_size()
     kv_bytes_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elem
     return weight_bytes, kv_bytes_per_token
 
@@ -309,6 +318,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats", type=int, default=3, help="decode runs per side, alternating; best is kept"
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument(
+        "--plain-linear",
+        action="store_true",
+        help="CPU: F.linear on the stored weights instead of oneDNN-packed ones",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument(
         "--hf-throughput",

@@ -37,6 +37,7 @@ class EngineConfig:
     attn_backend: str = "auto"  # auto (triton on CUDA when importable, else torch) | torch | triton
     enforce_eager: bool = False  # CUDA: no graphs for decode steps
     num_threads: int | None = None
+    cpu_packed_weights: bool = True  # CPU: linear layers from oneDNN-packed weights
 
     def __post_init__(self) -> None:
         if self.device == "auto":
@@ -136,6 +137,7 @@ class LLMEngine:
                 block_size=config.block_size,
                 attn_backend=config.attn_backend,
                 num_threads=config.num_threads,
+                cpu_packed_weights=config.cpu_packed_weights,
             )
         )
         self.model_config = self.runner.model_config

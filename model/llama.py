@@ -15,6 +15,7 @@ from torch import nn
 
 from model.attention import AttentionMetadata, TorchAttentionBackend, get_attention_backend
 from model.config import ModelConfig
+from model.cpu_linear import pack_weight, packed_linear
 from model.triton_ops import fused_add_rms_norm, rms_norm, silu_and_mul
 
 
@@ -79,6 +80,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that can run from a oneDNN-packed weight (LlamaForCausalLM.pack_for_cpu)."""
+
+    packed_weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self)
+
+
+def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
+    """`layer(x)` without the cost of a module call."""
+    if layer.packed_weight is not None:
+        return packed_linear(x, layer.packed_weight, layer.bias)
+    return F.linear(x, layer.weight, layer.bias)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, attn_backend: TorchAttentionBackend) -> None:
         super().__init__()
@@ -88,10 +105,10 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.qk_norm = config.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -108,7 +125,7 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = F.linear(hidden, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = linear(hidden, self.qkv_proj)
         if self.qk_norm:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = apply_rope(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos, sin)
@@ -125,19 +142,19 @@ class LlamaAttention(nn.Module):
             v = qkv[:, self.q_size + self.kv_size :]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-        return F.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight, self.o_proj.bias)
+        return linear(out.reshape(num_tokens, self.q_size), self.o_proj)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up_proj.weight)  # (T, 2 * intermediate)
-        return F.linear(silu_and_mul(gate_up), self.down_proj.weight)
+        gate_up = linear(x, self.gate_up_proj)  # (T, 2 * intermediate)
+        return linear(silu_and_mul(gate_up), self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -194,10 +211,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         # (P, hd) cos|sin table; rebuilt by init_rope_cache() after materialising the module.
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+        self.lm_head_packed: torch.Tensor | None = None  # set by pack_for_cpu()
 
     def init_rope_cache(self) -> None:
         """(Re)compute the RoPE table on the module's device, in the module's dtype."""
@@ -237,7 +255,32 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden_size] (rows that sample) -> logits [N, vocab] float32."""
+        if self.lm_head_packed is not None:
+            return packed_linear(hidden, self.lm_head_packed).float()
         return F.linear(hidden, self.lm_head_weight).float()
+
+    def pack_for_cpu(self) -> bool:
+        """Run the linear layers and the LM head from oneDNN-packed weights (model/cpu_linear.py).
+
+        Each packed layer releases its plain weight (tied embeddings stay for the lookup), one
+        layer at a time so the weights are never held twice. Returns whether every layer was
+        packed; a layer that cannot be (device, dtype, torch build) keeps F.linear.
+        """
+        if self.lm_head_packed is None:
+            self.lm_head_packed = pack_weight(self.lm_head_weight)
+            if self.lm_head_packed is None:
+                return False
+            if self.lm_head is not None:
+                self.lm_head.packed_weight, self.lm_head.weight = self.lm_head_packed, None
+        all_packed = True
+        for layer in self.model.layers.modules():
+            if isinstance(layer, Linear) and layer.packed_weight is None:
+                layer.packed_weight = pack_weight(layer.weight, layer.bias)
+                if layer.packed_weight is None:
+                    all_packed = False
+                else:
+                    layer.weight = None  # in_features/out_features keep the shape
+        return all_packed
 
 
 def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:

@@ -24,6 +24,7 @@ class RunnerConfig:
     block_size: int = 16
     attn_backend: str = "torch"
     num_threads: int | None = None
+    cpu_packed_weights: bool = True  # CPU: linear layers from oneDNN-packed weights
 
     def __post_init__(self) -> None:
         assert self.block_size > 0
@@ -54,6 +55,9 @@ class ModelRunner:
             dtype=config.dtype,
             attn_backend=config.attn_backend,
         )
+        is_cpu = self.device.type == "cpu"
+        if is_cpu and config.cpu_packed_weights and not self.model.pack_for_cpu():
+            logger.info("oneDNN-packed weights unavailable for %s; using F.linear", config.dtype)
         self.sampler = Sampler()
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.attention import build_attention_metadata
-from model.llama import LlamaForCausalLM, load_model
+from model.llama import Linear, LlamaForCausalLM, load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,12 +133,21 @@ def make_kv_cache(config, num_blocks: int, block_size: int, dtype=torch.float32)
     )
 
 
-@pytest.fixture(scope="module", params=list(SPECS))
+def pack_or_skip(model: LlamaForCausalLM) -> None:
+    if not model.pack_for_cpu():
+        pytest.skip("oneDNN-packed linear layers unavailable in this torch build")
+
+
+@pytest.fixture(scope="module", params=[(s, w) for s in SPECS for w in ("plain", "packed")])
 def model_pair(request, tmp_path_factory):
-    hf_model = make_hf_model(request.param)
-    path = save_hf_model(hf_model, tmp_path_factory.mktemp(request.param))
+    """(spec, HF model, ours, config); "packed": ours runs from oneDNN-packed weights."""
+    spec, weights = request.param
+    hf_model = make_hf_model(spec)
+    path = save_hf_model(hf_model, tmp_path_factory.mktemp(spec))
     ours, config = load_model(path)
-    return request.param, hf_model, ours, config
+    if weights == "packed":
+        pack_or_skip(ours)
+    return f"{spec}-{weights}", hf_model, ours, config
 
 
 def test_flat_batch_logits_match_hf(model_pair):
@@ -203,13 +212,26 @@ def test_chunked_prefill_and_decode_through_paged_cache(model_pair):
             assert diff <= TOLERANCE, f"{spec}: {name} positions {start}+{num_new}: {diff:.2e}"
 
 
-def test_bf16_model_close_to_hf_bf16(tmp_path):
+@pytest.mark.parametrize("weights", ["plain", "packed"])
+def test_bf16_model_close_to_hf_bf16(tmp_path, weights):
     hf_model = make_hf_model("qwen3_qk_norm")
     path = save_hf_model(hf_model, tmp_path / "m")
     ours, config = load_model(path, dtype=torch.bfloat16)
+    if weights == "packed":
+        pack_or_skip(ours)
     assert ours.model.embed_tokens.weight.dtype == torch.bfloat16
     seq = list(range(3, 40, 3))
     (logits,) = flat_forward(ours, [seq], make_kv_cache(config, 8, 4, torch.bfloat16))
     assert logits.dtype == torch.float32
     reference = hf_logits(hf_model.to(torch.bfloat16), seq)
     assert (logits - reference).abs().max().item() < 0.1
+
+
+def test_packed_model_holds_no_plain_projection_weights(model_pair):
+    spec, _, ours, _ = model_pair
+    if not spec.endswith("-packed"):
+        pytest.skip("plain weights")
+    linears = [m for m in ours.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight is None and m.packed_weight is not None for m in linears)
+    assert ours.lm_head_packed is not None
+    assert ours.model.embed_tokens.weight.numel()  # the lookup still needs the embeddings
