@@ -55,9 +55,12 @@ class ModelRunner:
             dtype=config.dtype,
             attn_backend=config.attn_backend,
         )
-        is_cpu = self.device.type == "cpu"
-        if is_cpu and config.cpu_packed_weights and not self.model.pack_for_cpu():
-            logger.info("oneDNN-packed weights unavailable for %s; using F.linear", config.dtype)
+        # CPU: every linear layer from oneDNN-packed weights (model/cpu_linear.py) when it can.
+        self.packed_weights = False
+        if self.device.type == "cpu" and config.cpu_packed_weights:
+            self.packed_weights = self.model.pack_for_cpu()
+            if not self.packed_weights:
+                logger.info("oneDNN-packed weights unavailable for %s; F.linear", config.dtype)
         self.sampler = Sampler()
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0

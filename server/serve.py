@@ -97,7 +97,8 @@ def print_summary(engine, model_name: str, config: ServerConfig, load_time_s: fl
         f"nanoserve ready in {load_time_s:.1f} s",
         f"  model        {model_name} ({engine.model_config.architecture}, "
         f"{engine.model_config.num_hidden_layers} layers)",
-        f"  device       {cfg.device}, {cfg.dtype}, attention backend {cfg.attn_backend}",
+        f"  device       {cfg.device}, {cfg.dtype}, attention backend {cfg.attn_backend}"
+        + (", oneDNN-packed linear layers" if engine.runner.packed_weights else ""),
         f"  KV cache     {kv_tokens} tokens in {engine.runner.num_blocks} blocks of "
         f"{cfg.block_size}; prefix caching {'on' if cfg.enable_prefix_caching else 'off'}",
         f"  context      {engine.max_model_len} tokens; up to {cfg.max_num_seqs} sequences, "
