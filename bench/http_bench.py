@@ -26,6 +26,12 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import free_port, load_average
 
 MODELS = {
     "object": "list",
@@ -222,12 +228,6 @@ def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"server on port {port} did not start")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_one(kind: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     import uvloop
 
@@ -313,7 +313,10 @@ def main() -> None:
         print(f"round {i + 1}/{args.repeat}")
         for kind in ("ours", "fastapi"):  # interleaved, so background load hits both alike
             runs[kind].append(run_one(kind, args))
-    print(f"best of {args.repeat} rounds (throughput) / median (server CPU per operation):")
+    print(
+        f"best of {args.repeat} rounds (throughput) / median (server CPU per operation); "
+        f"load {load_average()}:"
+    )
     for test, unit, target in (("a", "req/s", 2), ("b", "events/s", 3)):
         best = {k: max(r[test][0] for r in v) for k, v in runs.items()}
         cpu = {k: statistics.median(r[test][1] for r in v) for k, v in runs.items()}
