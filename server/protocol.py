@@ -1,109 +1,26 @@
 """OpenAI request bodies -> plain dataclasses, validated (response shapes: server/outputs.py).
 
 Every bad field raises `HTTPError(400, ..., param=<field>)`; `null` counts as absent and
-unknown fields are ignored (clients send extras). Nothing here imports torch:
+unknown fields are ignored (clients send extras). Chat messages and tools are checked in
+server/chat_messages.py, typed field reads live in server/fields.py. Nothing here imports torch:
 `to_sampling_params` imports model.sampling only when it is called.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.errors import HTTPError
+from server.chat_messages import (
+    parse_messages,
+    parse_template_kwargs,
+    parse_tool_choice,
+    parse_tools,
+)
+from server.fields import Fields, bad_request, is_int, is_number
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_LOGPROBS = 20
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-
-def bad_request(param: str | None, message: str) -> HTTPError:
-    return HTTPError(400, message, param=param)
-
-
-def _type_name(value: object) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
-    names.update({list: "an array", dict: "an object", type(None): "null"})
-    return names.get(type(value), type(value).__name__)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-class Fields:
-    """Typed, range-checked reads of one JSON object; errors name `prefix + field`."""
-
-    def __init__(self, obj: dict[str, Any], prefix: str = "") -> None:
-        self.obj = obj
-        self.prefix = prefix
-
-    def param(self, name: str) -> str:
-        return f"{self.prefix}{name}"
-
-    def _wrong_type(self, name: str, expected: str, value: object) -> HTTPError:
-        return bad_request(
-            self.param(name),
-            f"Invalid type for '{self.param(name)}': expected {expected}, "
-            f"but got {_type_name(value)} instead.",
-        )
-
-    def get(self, name: str) -> Any:
-        return self.obj.get(name)
-
-    def bool(self, name: str, default: bool) -> bool:
-        value = self.obj.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self._wrong_type(name, "a boolean", value)
-        return value
-
-    def str(self, name: str, default: str | None = None) -> str | None:
-        value = self.obj.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self._wrong_type(name, "a string", value)
-        return value
-
-    def int(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None):
-        value = self.obj.get(name)
-        if value is None:
-            return default
-        if not _is_int(value):
-            raise self._wrong_type(name, "an integer", value)
-        self._check_range(name, value, lo, hi)
-        return value
-
-    def number(
-        self, name: str, default: float, lo: float, hi: float | None, lo_open: bool = False
-    ) -> float:
-        value = self.obj.get(name)
-        if value is None:
-            return default
-        if not _is_number(value) or not math.isfinite(value):
-            raise self._wrong_type(name, "a number", value)
-        self._check_range(name, value, lo, hi, lo_open)
-        return float(value)
-
-    def _check_range(self, name, value, lo, hi, lo_open: bool = False) -> None:
-        too_low = lo is not None and (value <= lo if lo_open else value < lo)
-        if too_low or (hi is not None and value > hi):
-            if hi is None:
-                bounds = f"{'>' if lo_open else '>='} {lo}"
-            else:
-                bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
-            raise bad_request(
-                self.param(name),
-                f"Invalid '{self.param(name)}': {value!r} is out of range {bounds}.",
-            )
 
 
 # ---- sampling fields shared by both endpoints ------------------------------------------------
@@ -178,7 +95,7 @@ def _parse_stop(value: object) -> list[str]:
 def _parse_token_ids(value: object, param: str, allow_empty: bool) -> list[int]:
     if value is None and allow_empty:
         return []
-    if not isinstance(value, list) or not all(_is_int(t) and t >= 0 for t in value):
+    if not isinstance(value, list) or not all(is_int(t) and t >= 0 for t in value):
         raise bad_request(param, f"'{param}' must be an array of token ids (integers >= 0).")
     if not value and not allow_empty:
         raise bad_request(param, f"'{param}' must not be empty.")
@@ -195,7 +112,7 @@ def _parse_logit_bias(value: object) -> dict[int, float] | None:
         if not (key.isascii() and key.isdigit()):
             raise bad_request("logit_bias", f"logit_bias key {key!r} is not a token id.")
         token_id = int(key)
-        if not _is_number(b) or not -100 <= b <= 100:
+        if not is_number(b) or not -100 <= b <= 100:
             raise bad_request("logit_bias", f"logit_bias[{key}] must be a number in [-100, 100].")
         bias[token_id] = float(b)
     return bias
@@ -226,138 +143,6 @@ def _parse_response_format(value: object) -> None:
             "response_format", f"response_format {kind!r} is not supported yet; use 'text'."
         )
     raise bad_request("response_format", "'response_format.type' must be 'text'.")
-
-
-# ---- chat messages ---------------------------------------------------------------------------
-
-
-def parse_messages(value: object, param: str = "messages") -> list[dict[str, Any]]:
-    """Validates OpenAI chat messages; returns them in the shape chat templates expect."""
-    if not isinstance(value, list) or not value:
-        raise bad_request(param, f"'{param}' must be a non-empty array of messages.")
-    return [_parse_message(m, f"{param}[{i}]") for i, m in enumerate(value)]
-
-
-def _parse_message(msg: object, param: str) -> dict[str, Any]:
-    if not isinstance(msg, dict):
-        raise bad_request(param, f"'{param}' must be an object.")
-    f = Fields(msg, f"{param}.")
-    role = msg.get("role")
-    if role not in ROLES:
-        raise bad_request(
-            f.param("role"), f"'{f.param('role')}' must be one of {', '.join(ROLES)}."
-        )
-    # open-model templates know no "developer" role; it is OpenAI's new name for "system"
-    out: dict[str, Any] = {"role": "system" if role == "developer" else role}
-    tool_calls = msg.get("tool_calls")
-    content = msg.get("content")
-    if content is None and role != "assistant":
-        raise bad_request(f.param("content"), f"'{f.param('content')}' is required.")
-    out["content"] = _parse_content(content, f.param("content"))
-    name = f.str("name")
-    if name is not None:
-        out["name"] = name
-    if tool_calls is not None:
-        if role != "assistant":
-            raise bad_request(f.param("tool_calls"), "Only assistant messages carry 'tool_calls'.")
-        if tool_calls:
-            out["tool_calls"] = _parse_message_tool_calls(tool_calls, f.param("tool_calls"))
-    if role == "tool":
-        call_id = f.str("tool_call_id")
-        if call_id is None:
-            raise bad_request(f.param("tool_call_id"), "Tool messages need a 'tool_call_id'.")
-        out["tool_call_id"] = call_id
-    return out
-
-
-def _parse_content(content: object, param: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise bad_request(param, f"'{param}' must be a string or an array of content parts.")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict):
-            raise bad_request(f"{param}[{j}]", f"'{param}[{j}]' must be an object.")
-        if part.get("type") != "text":
-            raise bad_request(
-                f"{param}[{j}].type",
-                f"Content part type {part.get('type')!r} is not supported; only 'text' is.",
-            )
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise bad_request(f"{param}[{j}].text", f"'{param}[{j}].text' must be a string.")
-        texts.append(text)
-    return "\n".join(texts)
-
-
-def _parse_message_tool_calls(value: object, param: str) -> list[dict[str, Any]]:
-    if not isinstance(value, list):
-        raise bad_request(param, f"'{param}' must be an array.")
-    calls = []
-    for k, call in enumerate(value):
-        p = f"{param}[{k}]"
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise bad_request(f"{p}.function", f"'{p}.function' must be an object with a 'name'.")
-        arguments = fn.get("arguments", "{}")
-        if not isinstance(arguments, str):
-            raise bad_request(f"{p}.function.arguments", "Tool call arguments must be a string.")
-        try:  # templates expect the arguments as an object, as Hugging Face passes them
-            parsed = json.loads(arguments) if arguments else {}
-        except ValueError:
-            parsed = arguments
-        calls.append(
-            {
-                "id": str(call.get("id") or ""),
-                "type": "function",
-                "function": {"name": fn["name"], "arguments": parsed},
-            }
-        )
-    return calls
-
-
-def _parse_tools(value: object) -> list[dict[str, Any]] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise bad_request("tools", "'tools' must be an array.")
-    for i, tool in enumerate(value):
-        p = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise bad_request(f"{p}.type", f"'{p}' must be a function tool.")
-        fn = tool.get("function")
-        if not isinstance(fn, dict):
-            raise bad_request(f"{p}.function", f"'{p}.function' must be an object.")
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise bad_request(f"{p}.function.name", f"'{p}.function.name' must be a string.")
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise bad_request(f"{p}.function.parameters", "Tool parameters must be an object.")
-    return value or None
-
-
-def _parse_tool_choice(value: object, has_tools: bool) -> str:
-    if value is None:
-        return "auto" if has_tools else "none"
-    if value in ("none", "auto"):
-        return value
-    if value == "required" or isinstance(value, dict):
-        raise bad_request(
-            "tool_choice",
-            "tool_choice 'required' or a named function is not supported yet; use 'auto' or 'none'.",
-        )
-    raise bad_request("tool_choice", "'tool_choice' must be 'none' or 'auto'.")
-
-
-def _parse_template_kwargs(f: Fields) -> dict[str, Any]:
-    value = f.get("chat_template_kwargs")
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise bad_request("chat_template_kwargs", "'chat_template_kwargs' must be an object.")
-    return dict(value)
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -435,8 +220,8 @@ def parse_chat_request(body: object, max_n: int) -> ChatCompletionRequest:
     sampling = parse_sampling(f, max_n, logprobs, max_tokens_name)
     stream, include_usage = _parse_stream(f)
     _parse_response_format(f.get("response_format"))
-    tools = _parse_tools(f.get("tools"))
-    tool_choice = _parse_tool_choice(f.get("tool_choice"), tools is not None)
+    tools = parse_tools(f.get("tools"))
+    tool_choice = parse_tool_choice(f.get("tool_choice"), tools is not None)
     f.bool("parallel_tool_calls", True)  # accepted; every call the model writes is returned
     continue_final = f.bool("continue_final_message", False)
     add_generation_prompt = f.bool("add_generation_prompt", not continue_final)
@@ -466,7 +251,7 @@ def parse_chat_request(body: object, max_n: int) -> ChatCompletionRequest:
         tool_choice=tool_choice,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final,
-        chat_template_kwargs=_parse_template_kwargs(f),
+        chat_template_kwargs=parse_template_kwargs(f),
     )
 
 
@@ -477,7 +262,7 @@ def parse_prompts(value: object) -> list[str | list[int]]:
     if isinstance(value, list) and value:
         if all(isinstance(p, str) for p in value):
             return list(value)
-        if all(_is_int(t) for t in value):
+        if all(is_int(t) for t in value):
             return [_parse_token_ids(value, "prompt", allow_empty=False)]
         if all(isinstance(p, list) for p in value):
             return [_parse_token_ids(p, "prompt", allow_empty=False) for p in value]
@@ -519,11 +304,11 @@ def parse_tokenize_request(body: object) -> TokenizeRequest:
     req = TokenizeRequest(model=f.str("model"))
     if f.get("messages") is not None:
         req.messages = parse_messages(f.get("messages"))
-        req.tools = _parse_tools(f.get("tools"))
+        req.tools = parse_tools(f.get("tools"))
         req.continue_final_message = f.bool("continue_final_message", False)
         req.add_generation_prompt = f.bool("add_generation_prompt", not req.continue_final_message)
         req.add_special_tokens = f.bool("add_special_tokens", False)
-        req.chat_template_kwargs = _parse_template_kwargs(f)
+        req.chat_template_kwargs = parse_template_kwargs(f)
     else:
         req.prompt = f.str("prompt")
         if req.prompt is None:
