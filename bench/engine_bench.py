@@ -76,7 +76,8 @@ def random_prompts(rng: random.Random, lengths: list[int], vocab: int) -> list[l
 def build_engine(args, model_dir: Path, max_model_len: int, max_num_seqs: int, kv_tokens: int):
     """LLMEngine for the run; the CPU KV pool holds `kv_tokens` unless --kv-cache-gib says."""
     from model.config import ModelConfig
-    from model.engine import DTYPES, EngineConfig, LLMEngine
+    from model.engine import LLMEngine
+    from model.engine_types import DTYPES, EngineConfig
 
     if args.kv_cache_gib is not None:
         kv_bytes = int(args.kv_cache_gib * GiB)
@@ -102,7 +103,7 @@ def build_engine(args, model_dir: Path, max_model_len: int, max_num_seqs: int, k
 
 def ours_throughput(engine, prompts: list[list[int]], output_lens: list[int]) -> tuple[float, int]:
     """(seconds, output tokens) of LLMEngine.generate() over the whole workload."""
-    from model.sampling import SamplingParams
+    from model.sampling_params import SamplingParams
 
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in output_lens]
     sync(engine.runner.device)
@@ -119,7 +120,7 @@ def ours_decode(
     engine, prompts: list[list[int]], num_new: int, weight_bytes: int, kv_bytes_per_token: int
 ) -> DecodeResult:
     """Decode steps of a batch whose prompts are all prefilled, timed one by one."""
-    from model.sampling import SamplingParams
+    from model.sampling_params import SamplingParams
 
     batch = len(prompts)
     params = SamplingParams(max_tokens=num_new, temperature=0.0, ignore_eos=True)

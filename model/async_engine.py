@@ -8,9 +8,10 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 
-from model.engine import EngineConfig, EngineStats, GenerationDelta, LLMEngine, Output, merge_deltas
+from model.engine import LLMEngine
+from model.engine_types import EngineConfig, EngineStats, GenerationDelta, Output, merge_deltas
 from model.errors import EngineError, QueueFull, RequestRejected
-from model.sampling import SamplingParams
+from model.sampling_params import SamplingParams
 
 logger = logging.getLogger("nanoserve.engine")
 

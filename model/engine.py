@@ -1,4 +1,4 @@
-"""The continuous-batching engine: LLMEngine.step() and the AsyncEngine facade for asyncio."""
+"""The continuous-batching engine: LLMEngine and its step() loop (asyncio: model.async_engine)."""
 
 from __future__ import annotations
 
@@ -8,93 +8,17 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from model.engine_types import EngineConfig, EngineStats, GenerationDelta, Output, merge_deltas
 from model.errors import EngineError, RequestRejected
 from model.kv_cache import BlockManager
 from model.runner import ModelRunner, RunnerConfig, ScheduledItem
-from model.sampling import SamplingParams, SamplingRow, TokenLogprobs, make_generator
+from model.sampling import SamplingRow, TokenLogprobs, make_generator
+from model.sampling_params import SamplingParams
 from model.scheduler import Scheduler, SchedulerConfig
 from model.sequence import Sequence
 from model.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger("nanoserve.engine")
-
-GiB = 1 << 30
-
-
-@dataclass
-class EngineConfig:
-    model_dir: str
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: 512 on CPU, 2048 on CUDA
-    block_size: int = 16
-    kv_cache_memory_bytes: int = 2 * GiB  # CPU pool size
-    gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory the process may use
-    enable_prefix_caching: bool = True
-    max_queued_requests: int = 1024
-    attn_backend: str = "auto"  # auto (triton on CUDA when importable, else torch) | torch | triton
-    enforce_eager: bool = False  # CUDA: no graphs for decode steps
-    num_threads: int | None = None
-    cpu_packed_weights: bool = True  # CPU: linear layers from oneDNN-packed weights
-
-    def __post_init__(self) -> None:
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        is_cuda = self.device.startswith("cuda")
-        if self.dtype == "auto":
-            self.dtype = "bfloat16" if is_cuda else "float32"
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-        if self.attn_backend == "auto":
-            from model.attention_triton import triton_available
-
-            self.attn_backend = "triton" if is_cuda and triton_available() else "torch"
-        if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 2048 if is_cuda else 512
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError("max_model_len must be >= 1")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]")
-        if self.kv_cache_memory_bytes <= 0:
-            raise ValueError("kv_cache_memory_bytes must be > 0")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class GenerationDelta:
-    choice_index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None
-    finish_reason: str | None  # None | "stop" | "length" | "abort"
-    stop_reason: str | int | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-
-
-@dataclass
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_hit_ratio: float = 0.0
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    num_preemptions_total: int = 0
-    num_blocks: int = 0
-    num_free_blocks: int = 0
 
 
 @dataclass
@@ -117,9 +41,6 @@ class _Request:
     params: SamplingParams
     arrival_time: float
     states: list[_SeqState] = field(default_factory=list)
-
-
-Output = tuple[str, "GenerationDelta | Exception"]
 
 
 class LLMEngine:
@@ -444,21 +365,3 @@ def _param_of(exc: ValueError) -> str | None:
     """SamplingParams errors start with the field's name."""
     word = str(exc).split(" ", 1)[0].strip(":")
     return word if word.isidentifier() else None
-
-
-def merge_deltas(deltas: list[GenerationDelta]) -> list[GenerationDelta]:
-    """Joins the deltas of each choice (a slow reader gets fewer, larger ones; none is lost)."""
-    merged: dict[int, GenerationDelta] = {}
-    for d in deltas:
-        last = merged.get(d.choice_index)
-        if last is None:
-            merged[d.choice_index] = d
-            continue
-        assert last.finish_reason is None, "no delta follows a finished choice"
-        logprobs = None
-        if last.logprobs is not None or d.logprobs is not None:
-            logprobs = (last.logprobs or []) + (d.logprobs or [])
-        merged[d.choice_index] = replace(
-            d, text=last.text + d.text, token_ids=last.token_ids + d.token_ids, logprobs=logprobs
-        )
-    return list(merged.values())

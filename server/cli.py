@@ -135,8 +135,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from model.engine import EngineConfig, LLMEngine
-    from model.sampling import SamplingParams
+    from model.engine import LLMEngine
+    from model.engine_types import EngineConfig
+    from model.sampling_params import SamplingParams
 
     model_dir = resolve_model_dir(args.model)
     engine = LLMEngine(

@@ -3,7 +3,7 @@
 Every bad field raises `HTTPError(400, ..., param=<field>)`; `null` counts as absent and
 unknown fields are ignored (clients send extras). Chat messages and tools are checked in
 server/chat_messages.py, typed field reads live in server/fields.py. Nothing here imports torch:
-`to_sampling_params` imports model.sampling only when it is called.
+`to_sampling_params` imports model.sampling_params only when it is called.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 @dataclass
 class SamplingFields:
-    """Sampling parameters as parsed from a request; mirrors model.sampling.SamplingParams."""
+    """Sampling parameters as parsed from a request; mirrors model.sampling_params.SamplingParams."""
 
     n: int = 1
     max_tokens: int | None = None  # None: the rest of the context
@@ -332,7 +332,7 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
 
 def to_sampling_params(s: SamplingFields, max_tokens: int | None = None):
     """The engine's SamplingParams (imported here so this module never loads torch)."""
-    from model.sampling import SamplingParams
+    from model.sampling_params import SamplingParams
 
     try:
         return SamplingParams(

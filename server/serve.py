@@ -21,7 +21,7 @@ logger = logging.getLogger("nanoserve")
 def serve(args: argparse.Namespace, model_dir: Path) -> int:
     # Imported here so the HTTP side stays importable without torch (python -m server --help).
     from model.config import ModelConfig
-    from model.engine import EngineConfig
+    from model.engine_types import EngineConfig
     from model.tokenizer import Tokenizer
     from model.weights import checkpoint_files
 

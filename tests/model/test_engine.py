@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.engine import EngineConfig, LLMEngine
-from model.sampling import SamplingParams
+from model.engine import LLMEngine
+from model.engine_types import EngineConfig
+from model.sampling_params import SamplingParams
 
 NUM_NEW_TOKENS = 24
 

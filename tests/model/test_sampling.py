@@ -12,12 +12,12 @@ from model.sampling import (
     TOP_P_CANDIDATES,
     Sampler,
     SamplingMetadata,
-    SamplingParams,
     SamplingRow,
     _apply_top_p_,
     apply_logits_processors,
     make_generator,
 )
+from model.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 
