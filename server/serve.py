@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -63,22 +62,18 @@ def serve(args: argparse.Namespace, model_dir: Path) -> int:
 
     async def on_startup() -> None:
         from model.async_engine import AsyncEngine
-        from model.engine import LLMEngine
         from model.errors import ModelLoadError
 
         logger.info("loading %s on %s ...", model_dir, engine_config.device)
         try:
-            engine = await asyncio.get_running_loop().run_in_executor(
-                None, LLMEngine, engine_config
-            )
+            async_engine = await AsyncEngine.launch(engine_config)
         except (ModelLoadError, ValueError) as exc:
             print(f"nanoserve: error: {exc}", file=sys.stderr)
             failure.append(2)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        async_engine = AsyncEngine(engine)
-        async_engine.start()
         state.engine = async_engine
+        engine = async_engine.engine
         print_summary(engine, model_name, server_config, engine.load_time_s)
 
     async def on_shutdown() -> None:
