@@ -98,12 +98,17 @@ def launched(cmd: list[str], ready_path: str, port: int, log_name: str, timeout_
             print(Path(log.name).read_text(errors="replace")[-3000:], file=sys.stderr)
             raise
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout_s=30)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def measure_bandwidth_gbs(device: str = "cpu", num_bytes: int = 512 << 20) -> tuple[float, float]:

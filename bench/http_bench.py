@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import free_port, load_average
+from bench.common import free_port, load_average, stop_process, wait_ready
 
 MODELS = {
     "object": "list",
@@ -217,17 +216,6 @@ async def measure(
     return rate, cpu_us
 
 
-def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"server on port {port} did not start")
-
-
 def run_one(kind: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     import uvloop
 
@@ -237,7 +225,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, tuple[float, float
         cmd += ["--cpu", str(args.server_cpu)]
     proc = subprocess.Popen(cmd)
     try:
-        wait_for_port(port)
+        wait_ready(f"http://127.0.0.1:{port}", proc, "/v1/models", timeout_s=30)
         models_request = b"GET /v1/models HTTP/1.1\r\nHost: bench\r\n\r\n"
         stream_request = b"GET /v1/stream?n=%d HTTP/1.1\r\nHost: bench\r\n\r\n" % args.events
         rps, rps_cpu = uvloop.run(
@@ -270,12 +258,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, tuple[float, float
         )
         return {"a": (rps, rps_cpu), "b": (eps, eps_cpu)}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=10)
 
 
 def main() -> None:

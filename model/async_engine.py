@@ -28,7 +28,9 @@ class _Stream:
 
 
 class AsyncEngine:
-    """Runs LLMEngine.step() in a thread; the event loop never waits on a forward pass."""
+    """Runs LLMEngine.step() in a thread; the event loop never waits on a forward pass.
+
+    Start one with `await AsyncEngine.launch(config)`."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -45,9 +47,7 @@ class AsyncEngine:
         self._stats = engine.stats()
         self._thread: threading.Thread | None = None
 
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        return cls(LLMEngine(config))
+    # ---- lifecycle -------------------------------------------------------------------------
 
     @classmethod
     async def launch(cls, config: EngineConfig) -> AsyncEngine:
@@ -82,13 +82,6 @@ class AsyncEngine:
 
         threading.Thread(target=main, name="nanoserve-engine", daemon=True).start()
         return await ready
-
-    # ---- lifecycle -------------------------------------------------------------------------
-
-    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._loop = loop or asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="nanoserve-engine", daemon=True)
-        self._thread.start()
 
     async def shutdown(self) -> None:
         with self._wake:
