@@ -76,8 +76,8 @@ def random_prompts(rng: random.Random, lengths: list[int], vocab: int) -> list[l
 def build_engine(args, model_dir: Path, max_model_len: int, max_num_seqs: int, kv_tokens: int):
     """LLMEngine for the run; the CPU KV pool holds `kv_tokens` unless --kv-cache-gib says."""
     from model.config import ModelConfig
-    from model.engine import LLMEngine
-    from model.engine_types import DTYPES, EngineConfig
+    from model.engine.config import DTYPES, EngineConfig
+    from model.engine.llm_engine import LLMEngine
 
     if args.kv_cache_gib is not None:
         kv_bytes = int(args.kv_cache_gib * GiB)
@@ -161,7 +161,7 @@ def ours_decode(
 
 def model_bytes(engine) -> tuple[int, int]:
     """(weight bytes one decode step reads, KV bytes per token of context)."""
-    from model.llama import Linear
+    from model.layers.linear import Linear
 
     model = engine.runner.model
     elem = engine.runner.kv_cache.element_size()
@@ -340,7 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_model_dir(args, tmp_dirs: list[Path]) -> Path:
-    from model.default_model import ensure_default_model
+    from model.hub.default_model import ensure_default_model
 
     if args.shape is None:
         return Path(args.model_dir) if args.model_dir else ensure_default_model()

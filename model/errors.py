@@ -23,3 +23,11 @@ class QueueFull(RuntimeError):
 
 class EngineError(RuntimeError):
     """A step failed for this request; the engine keeps serving the others."""
+
+
+class PullError(Exception):
+    """Preparing a model failed (download, unpacking or conversion); the message is one line."""
+
+
+class ConversionError(PullError):
+    """A GGUF file cannot be converted: unreadable, unsupported architecture or tensor type."""

@@ -113,13 +113,13 @@ def fail(message: str, code: int) -> int:
 def resolve_model_dir(model_dir: str | None) -> Path:
     if model_dir:
         return Path(model_dir)
-    from model.default_model import ensure_default_model
+    from model.hub.default_model import ensure_default_model
 
     return ensure_default_model()
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from model.default_model import ensure_default_model, pull_default_model
+    from model.hub.default_model import ensure_default_model, pull_default_model
 
     path = pull_default_model() if args.force else ensure_default_model()
     print(f"default model ready: {path}")
@@ -127,7 +127,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from model.default_model import convert_gguf
+    from model.hub.default_model import convert_gguf
 
     convert_gguf(Path(args.gguf_file), Path(args.out_dir))
     print(f"converted {args.gguf_file} -> {args.out_dir}")
@@ -135,8 +135,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from model.engine import LLMEngine
-    from model.engine_types import EngineConfig
+    from model.engine.config import EngineConfig
+    from model.engine.llm_engine import LLMEngine
     from model.sampling_params import SamplingParams
 
     model_dir = resolve_model_dir(args.model)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from model.default_model import PullError
+        from model.errors import PullError
 
         if isinstance(exc, PullError):
             return fail(str(exc), 1)

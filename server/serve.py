@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from server.http import ServerConfig, run_server
-from server.openai_api import APIState, build_router
-from server.routing import Router
+from server.api.handlers import APIState, build_router
+from server.http.config import ServerConfig
+from server.http.routing import Router
+from server.http.server import run_server
 
 logger = logging.getLogger("nanoserve")
 
@@ -20,9 +21,9 @@ logger = logging.getLogger("nanoserve")
 def serve(args: argparse.Namespace, model_dir: Path) -> int:
     # Imported here so the HTTP side stays importable without torch (python -m server --help).
     from model.config import ModelConfig
-    from model.engine_types import EngineConfig
-    from model.tokenizer import Tokenizer
-    from model.weights import checkpoint_files
+    from model.engine.config import EngineConfig
+    from model.models.weights import checkpoint_files
+    from model.text.tokenizer import Tokenizer
 
     # Cheap checks first, so a broken folder fails in a second with one line (exit 2).
     ModelConfig.from_dir(model_dir)
@@ -61,7 +62,7 @@ def serve(args: argparse.Namespace, model_dir: Path) -> int:
     failure: list[int] = []
 
     async def on_startup() -> None:
-        from model.async_engine import AsyncEngine
+        from model.engine.async_engine import AsyncEngine
         from model.errors import ModelLoadError
 
         logger.info("loading %s on %s ...", model_dir, engine_config.device)

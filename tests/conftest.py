@@ -17,6 +17,6 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The prepared default model folder; pulled once into $NANOSERVE_HOME or ~/.cache/nanoserve."""
-    from model.default_model import ensure_default_model
+    from model.hub.default_model import ensure_default_model
 
     return ensure_default_model()

@@ -12,8 +12,9 @@ from typing import Any
 
 import orjson
 
-from server.http import HTTPServer, ServerConfig, new_event_loop
-from server.routing import Router
+from server.http.config import ServerConfig
+from server.http.routing import Router
+from server.http.server import HTTPServer, new_event_loop
 
 # Short limits so every timeout test takes well under a second.
 FAST = dict(

@@ -1,0 +1,59 @@
+"""The engine's configuration (`EngineConfig`) and the dtype names it accepts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.engine.outputs import GiB
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: 512 on CPU, 2048 on CUDA
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 2 * GiB  # CPU pool size
+    gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory the process may use
+    enable_prefix_caching: bool = True
+    max_queued_requests: int = 1024
+    attn_backend: str = "auto"  # auto (triton on CUDA when importable, else torch) | torch | triton
+    enforce_eager: bool = False  # CUDA: no graphs for decode steps
+    num_threads: int | None = None
+    cpu_packed_weights: bool = True  # CPU: linear layers from oneDNN-packed weights
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        is_cuda = self.device.startswith("cuda")
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if is_cuda else "float32"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.attn_backend == "auto":
+            from model.layers.attention.triton_backend import triton_available
+
+            self.attn_backend = "triton" if is_cuda and triton_available() else "torch"
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 2048 if is_cuda else 512
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_memory_bytes <= 0:
+            raise ValueError("kv_cache_memory_bytes must be > 0")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

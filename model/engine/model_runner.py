@@ -1,0 +1,193 @@
+"""Sequences -> flat batch tensors -> forward -> sampler. The only place that makes tensors."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ModelConfig
+from model.engine.sequence import Sequence
+from model.layers.attention.metadata import build_attention_metadata
+from model.models.loader import load_model
+from model.sample.metadata import SamplerOutput, SamplingMetadata, SamplingRow
+from model.sample.sampler import Sampler
+
+logger = logging.getLogger("nanoserve.runner")
+
+
+@dataclass
+class RunnerConfig:
+    model_dir: str
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    block_size: int = 16
+    attn_backend: str = "torch"
+    num_threads: int | None = None
+    cpu_packed_weights: bool = True  # CPU: linear layers from oneDNN-packed weights
+
+    def __post_init__(self) -> None:
+        assert self.block_size > 0
+
+
+@dataclass
+class ScheduledItem:
+    """One sequence of a step: `num_new_tokens` tokens from its `num_computed_tokens` on."""
+
+    seq: Sequence
+    num_new_tokens: int
+    sampling_row: SamplingRow | None  # None: a prefill chunk that does not reach the end yet
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, config: RunnerConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model, self.model_config = load_model(
+            config.model_dir,
+            device=config.device,
+            dtype=config.dtype,
+            attn_backend=config.attn_backend,
+        )
+        # CPU: every linear layer from oneDNN-packed weights (model/cpu_linear.py) when it can.
+        self.packed_weights = False
+        if self.device.type == "cpu" and config.cpu_packed_weights:
+            self.packed_weights = self.model.pack_for_cpu()
+            if not self.packed_weights:
+                logger.info("oneDNN-packed weights unavailable for %s; F.linear", config.dtype)
+        self.sampler = Sampler()
+        self.kv_cache: torch.Tensor | None = None
+        self.num_blocks = 0
+        self.graph_runner = None  # DecodeGraphRunner once captured (CUDA only)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of K and V for one block across all layers."""
+        mc: ModelConfig = self.model_config
+        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim
+        return per_token * self.config.block_size * dtype_size(self.config.dtype)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        mc = self.model_config
+        assert num_blocks > 0
+        self.num_blocks = num_blocks
+        # (layers, K/V, blocks, block_size, kv_heads, head_dim)
+        self.kv_cache = torch.zeros(
+            mc.num_hidden_layers,
+            2,
+            num_blocks,
+            self.config.block_size,
+            mc.num_key_value_heads,
+            mc.head_dim,
+            dtype=self.config.dtype,
+            device=self.device,
+        )
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """CUDA graphs of the decode step for a ladder of batch sizes (bound to this pool)."""
+        from model.engine.cuda_graphs import DecodeGraphRunner
+
+        if not getattr(self.model.attn_backend, "supports_cuda_graphs", False):
+            logger.info(
+                "attention backend %s cannot be captured; decode runs eagerly",
+                self.config.attn_backend,
+            )
+            return
+        assert self.kv_cache is not None
+        self.graph_runner = DecodeGraphRunner(
+            self.model,
+            self.kv_cache,
+            max_batch_size=max_num_seqs,
+            max_blocks_per_seq=-(-max_model_len // self.config.block_size),
+            block_size=self.config.block_size,
+        )
+        self.graph_runner.capture()
+
+    def num_blocks_for_gpu(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
+        """Blocks that fit in the GPU memory left after weights and a warm-up at the largest batch."""
+        assert self.device.type == "cuda"
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.warm_up(max_num_batched_tokens)
+        free, total = torch.cuda.mem_get_info()
+        peak = torch.cuda.max_memory_allocated()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        budget = total * gpu_memory_utilization - used_by_others - peak
+        return max(int(budget // self.block_bytes), 0)
+
+    @torch.inference_mode()
+    def warm_up(self, num_tokens: int) -> None:
+        """One forward of `num_tokens` prompt tokens without a KV pool of real size."""
+        saved = self.kv_cache
+        num_blocks = (num_tokens + self.config.block_size - 1) // self.config.block_size
+        self.allocate_kv_cache(num_blocks)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(num_tokens, device=self.device)
+        meta = build_attention_metadata(
+            [num_tokens],
+            [num_tokens],
+            [list(range(num_blocks))],
+            self.config.block_size,
+            self.device,
+        )
+        hidden = self.model(ids, pos, self.kv_cache, meta)
+        self.model.compute_logits(hidden[-1:])
+        self.kv_cache = saved
+        if saved is None:
+            self.num_blocks = 0
+
+    @torch.inference_mode()
+    def run(self, items: list[ScheduledItem]) -> SamplerOutput | None:
+        """One forward over every scheduled token; samples for the items that carry a row."""
+        assert self.kv_cache is not None, "allocate_kv_cache first"
+        input_ids: list[int] = []
+        positions: list[int] = []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        sample_indices: list[int] = []
+        rows: list[SamplingRow] = []
+        num_tokens = 0
+        for item in items:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            end = start + n
+            if n == 1:
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+            seq_lens.append(end)
+            query_lens.append(n)
+            block_tables.append(seq.block_table)
+            num_tokens += n
+            if item.sampling_row is not None:
+                sample_indices.append(num_tokens - 1)
+                rows.append(item.sampling_row)
+        device = self.device
+        meta = build_attention_metadata(
+            seq_lens, query_lens, block_tables, self.config.block_size, device
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=device)
+        graphs = self.graph_runner
+        if graphs is not None and graphs.can_run(meta):
+            hidden = graphs.run(ids_t, pos_t, meta)  # a view of the graph's static output
+        else:
+            hidden = self.model(ids_t, pos_t, self.kv_cache, meta)
+        if not rows:
+            return None
+        if len(sample_indices) != num_tokens:
+            hidden = hidden[torch.tensor(sample_indices, dtype=torch.long, device=device)]
+        logits = self.model.compute_logits(hidden)
+        sampling_meta = SamplingMetadata.build(rows, logits.shape[-1], device)
+        return self.sampler(logits, sampling_meta)

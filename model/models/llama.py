@@ -1,0 +1,207 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a flat batch of tokens.
+
+Weights keep Hugging Face names except two fusions made at load time (see weights.py):
+`self_attn.qkv_proj` = q_proj|k_proj|v_proj rows, `mlp.gate_up_proj` = gate_proj|up_proj rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.layers.attention.backends import get_attention_backend
+from model.layers.attention.metadata import AttentionMetadata
+from model.layers.attention.torch_backend import TorchAttentionBackend
+from model.layers.fused_ops import silu_and_mul
+from model.layers.linear import Linear, linear, pack_weight, packed_linear
+from model.layers.norm import RMSNorm
+from model.layers.rotary import apply_rope, rope_cos_sin_cache
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: TorchAttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.attn_backend = attn_backend
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = linear(hidden, self.qkv_proj)
+        if self.qk_norm:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rope(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos, sin)
+            k = apply_rope(
+                self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos, sin
+            )
+        else:
+            # q and k are adjacent in qkv: rotate both with one set of ops.
+            qk = qkv[:, : self.q_size + self.kv_size]
+            qk = apply_rope(
+                qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin
+            )
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, self.q_size + self.kv_size :]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        return linear(out.reshape(num_tokens, self.q_size), self.o_proj)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = linear(x, self.gate_up_proj)  # (T, 2 * intermediate)
+        return linear(silu_and_mul(gate_up), self.down_proj)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: TorchAttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, attn_backend)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add is deferred into the next norm (one fused pass on CUDA):
+        returns (this layer's MLP output, the residual stream before adding it)."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, k_cache, v_cache, meta)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: TorchAttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, attn_backend) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only transformer over a flat batch; serves Llama, Mistral, Qwen2, Qwen3."""
+
+    def __init__(
+        self, config: ModelConfig, attn_backend: TorchAttentionBackend | str = "torch"
+    ) -> None:
+        super().__init__()
+        if isinstance(attn_backend, str):
+            attn_backend = get_attention_backend(attn_backend)
+        self.config = config
+        self.attn_backend = attn_backend
+        self.model = LlamaModel(config, attn_backend)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        # (P, hd) cos|sin table; rebuilt by init_rope_cache() after materialising the module.
+        self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+        self.lm_head_packed: torch.Tensor | None = None  # set by pack_for_cpu()
+
+    def init_rope_cache(self) -> None:
+        """(Re)compute the RoPE table on the module's device, in the module's dtype."""
+        weight = self.model.embed_tokens.weight
+        table = rope_cos_sin_cache(self.config).to(device=weight.device, dtype=weight.dtype)
+        self.cos_sin_cache = table
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden_size] (after the final norm).
+
+        kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] or None (then
+        every sequence in `meta` must be a whole prompt, nothing cached).
+        """
+        assert self.cos_sin_cache.numel(), "call init_rope_cache() (load_model does) first"
+        hidden = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, H)
+        cos_sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1)  # (T, 1, hd)
+        cos, sin = cos_sin.chunk(2, dim=-1)  # (T, 1, hd/2) each
+        residual = None
+        for i, layer in enumerate(self.model.layers):
+            if kv_cache is None:
+                hidden, residual = layer(hidden, residual, cos, sin, None, None, meta)
+            else:
+                hidden, residual = layer(
+                    hidden, residual, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta
+                )
+        return self.model.norm.add_and_norm(hidden, residual)[0]
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden_size] (rows that sample) -> logits [N, vocab] float32."""
+        if self.lm_head_packed is not None:
+            return packed_linear(hidden, self.lm_head_packed).float()
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    def pack_for_cpu(self) -> bool:
+        """Run the linear layers and the LM head from oneDNN-packed weights (model/cpu_linear.py).
+
+        Each packed layer releases its plain weight (tied embeddings stay for the lookup), one
+        layer at a time so the weights are never held twice. Returns whether every layer was
+        packed; a layer that cannot be (device, dtype, torch build) keeps F.linear.
+        """
+        if self.lm_head_packed is None:
+            self.lm_head_packed = pack_weight(self.lm_head_weight)
+            if self.lm_head_packed is None:
+                return False
+            if self.lm_head is not None:
+                self.lm_head.packed_weight, self.lm_head.weight = self.lm_head_packed, None
+        all_packed = True
+        for layer in self.model.layers.modules():
+            if isinstance(layer, Linear) and layer.packed_weight is None:
+                layer.packed_weight = pack_weight(layer.weight, layer.bias)
+                if layer.packed_weight is None:
+                    all_packed = False
+                else:
+                    layer.weight = None  # in_features/out_features keep the shape
+        return all_packed

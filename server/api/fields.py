@@ -1,0 +1,99 @@
+"""Typed reads of one untrusted JSON object, and the 400 a bad field becomes.
+
+`Fields` checks type and range per read; errors name the field (`prefix + name`) as `param`.
+Shared by the request parsers in server/protocol.py and server/chat_messages.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from server.http.errors import HTTPError
+
+
+def bad_request(param: str | None, message: str) -> HTTPError:
+    return HTTPError(400, message, param=param)
+
+
+def _type_name(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    names.update({list: "an array", dict: "an object", type(None): "null"})
+    return names.get(type(value), type(value).__name__)
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class Fields:
+    """Typed, range-checked reads of one JSON object; errors name `prefix + field`."""
+
+    def __init__(self, obj: dict[str, Any], prefix: str = "") -> None:
+        self.obj = obj
+        self.prefix = prefix
+
+    def param(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def _wrong_type(self, name: str, expected: str, value: object) -> HTTPError:
+        return bad_request(
+            self.param(name),
+            f"Invalid type for '{self.param(name)}': expected {expected}, "
+            f"but got {_type_name(value)} instead.",
+        )
+
+    def get(self, name: str) -> Any:
+        return self.obj.get(name)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.obj.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._wrong_type(name, "a boolean", value)
+        return value
+
+    def str(self, name: str, default: str | None = None) -> str | None:
+        value = self.obj.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self._wrong_type(name, "a string", value)
+        return value
+
+    def int(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None):
+        value = self.obj.get(name)
+        if value is None:
+            return default
+        if not is_int(value):
+            raise self._wrong_type(name, "an integer", value)
+        self._check_range(name, value, lo, hi)
+        return value
+
+    def number(
+        self, name: str, default: float, lo: float, hi: float | None, lo_open: bool = False
+    ) -> float:
+        value = self.obj.get(name)
+        if value is None:
+            return default
+        if not is_number(value) or not math.isfinite(value):
+            raise self._wrong_type(name, "a number", value)
+        self._check_range(name, value, lo, hi, lo_open)
+        return float(value)
+
+    def _check_range(self, name, value, lo, hi, lo_open: bool = False) -> None:
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        if too_low or (hi is not None and value > hi):
+            if hi is None:
+                bounds = f"{'>' if lo_open else '>='} {lo}"
+            else:
+                bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
+            raise bad_request(
+                self.param(name),
+                f"Invalid '{self.param(name)}': {value!r} is out of range {bounds}.",
+            )

@@ -1,0 +1,359 @@
+"""OpenAI request bodies -> plain dataclasses, validated (response shapes: server/outputs.py).
+
+Every bad field raises `HTTPError(400, ..., param=<field>)`; `null` counts as absent and
+unknown fields are ignored (clients send extras). Chat messages and tools are checked in
+server/chat_messages.py, typed field reads live in server/fields.py. Nothing here imports torch:
+`to_sampling_params` imports model.sampling_params only when it is called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.api.chat_messages import (
+    parse_messages,
+    parse_template_kwargs,
+    parse_tool_choice,
+    parse_tools,
+)
+from server.api.fields import Fields, bad_request, is_int, is_number
+
+MAX_LOGPROBS = 20
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+# ---- sampling fields shared by both endpoints ------------------------------------------------
+
+
+@dataclass
+class SamplingFields:
+    """Sampling parameters as parsed from a request; mirrors model.sampling_params.SamplingParams."""
+
+    n: int = 1
+    max_tokens: int | None = None  # None: the rest of the context
+    max_tokens_param: str = "max_tokens"  # which field set it, for error messages
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    logprobs: int | None = None  # None: no logprobs; k: chosen token plus k alternatives
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+
+
+def parse_sampling(
+    f: Fields, max_n: int, logprobs: int | None, max_tokens_name: str
+) -> SamplingFields:
+    s = SamplingFields(logprobs=logprobs, max_tokens_param=max_tokens_name)
+    s.n = f.int("n", 1, 1, max_n)
+    s.max_tokens = f.int(max_tokens_name, None, 1)
+    s.temperature = f.number("temperature", 1.0, 0.0, 2.0)
+    s.top_p = f.number("top_p", 1.0, 0.0, 1.0, lo_open=True)
+    s.top_k = f.int("top_k", 0, -1)
+    s.min_p = f.number("min_p", 0.0, 0.0, 1.0)
+    s.frequency_penalty = f.number("frequency_penalty", 0.0, -2.0, 2.0)
+    s.presence_penalty = f.number("presence_penalty", 0.0, -2.0, 2.0)
+    s.repetition_penalty = f.number("repetition_penalty", 1.0, 0.0, None, lo_open=True)
+    s.seed = f.int("seed", None, _INT64_MIN, _INT64_MAX)
+    s.ignore_eos = f.bool("ignore_eos", False)
+    s.min_tokens = f.int("min_tokens", 0, 0)
+    if s.max_tokens is not None and s.min_tokens > s.max_tokens:
+        raise bad_request(
+            "min_tokens",
+            f"min_tokens ({s.min_tokens}) must be <= {max_tokens_name} ({s.max_tokens}).",
+        )
+    s.include_stop_str_in_output = f.bool("include_stop_str_in_output", False)
+    s.skip_special_tokens = f.bool("skip_special_tokens", True)
+    s.stop = _parse_stop(f.get("stop"))
+    s.stop_token_ids = _parse_token_ids(f.get("stop_token_ids"), "stop_token_ids", allow_empty=True)
+    s.logit_bias = _parse_logit_bias(f.get("logit_bias"))
+    f.str("user")  # accepted, unused
+    return s
+
+
+def _parse_stop(value: object) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad_request("stop", "'stop' must be a string or an array of strings.")
+    if any(not s for s in stops):
+        raise bad_request("stop", "'stop' strings must not be empty.")
+    return list(stops)
+
+
+def _parse_token_ids(value: object, param: str, allow_empty: bool) -> list[int]:
+    if value is None and allow_empty:
+        return []
+    if not isinstance(value, list) or not all(is_int(t) and t >= 0 for t in value):
+        raise bad_request(param, f"'{param}' must be an array of token ids (integers >= 0).")
+    if not value and not allow_empty:
+        raise bad_request(param, f"'{param}' must not be empty.")
+    return list(value)
+
+
+def _parse_logit_bias(value: object) -> dict[int, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("logit_bias", "'logit_bias' must be an object of token id -> bias.")
+    bias: dict[int, float] = {}
+    for key, b in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise bad_request("logit_bias", f"logit_bias key {key!r} is not a token id.")
+        token_id = int(key)
+        if not is_number(b) or not -100 <= b <= 100:
+            raise bad_request("logit_bias", f"logit_bias[{key}] must be a number in [-100, 100].")
+        bias[token_id] = float(b)
+    return bias
+
+
+def _parse_stream(f: Fields) -> tuple[bool, bool]:
+    stream = f.bool("stream", False)
+    options = f.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise bad_request(
+            "stream_options", "'stream_options' is only allowed when 'stream' is true."
+        )
+    if not isinstance(options, dict):
+        raise bad_request("stream_options", "'stream_options' must be an object.")
+    return stream, Fields(options, "stream_options.").bool("include_usage", False)
+
+
+def _parse_response_format(value: object) -> None:
+    if value is None:
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return
+    if kind in ("json_object", "json_schema"):
+        raise bad_request(
+            "response_format", f"response_format {kind!r} is not supported yet; use 'text'."
+        )
+    raise bad_request("response_format", "'response_format.type' must be 'text'.")
+
+
+# ---- requests --------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatCompletionRequest:
+    model: str | None
+    messages: list[dict[str, Any]]  # validated, in the chat template's shape
+    sampling: SamplingFields
+    stream: bool = False
+    include_usage: bool = False
+    tools: list[dict[str, Any]] | None = None  # passed to the template unless tool_choice is none
+    tool_choice: str = "none"  # "none" | "auto"
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def logprobs(self) -> bool:
+        return self.sampling.logprobs is not None
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        return self.tools is not None and self.tool_choice == "auto"
+
+
+@dataclass
+class CompletionRequest:
+    model: str | None
+    prompts: list[str | list[int]]  # each: text, or token ids
+    sampling: SamplingFields
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    add_special_tokens: bool = True
+
+
+@dataclass
+class TokenizeRequest:
+    model: str | None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DetokenizeRequest:
+    model: str | None
+    tokens: list[int]
+
+
+def _object(body: object) -> Fields:
+    if not isinstance(body, dict):
+        raise bad_request(None, "The request body must be a JSON object.")
+    return Fields(body)
+
+
+def parse_chat_request(body: object, max_n: int) -> ChatCompletionRequest:
+    f = _object(body)
+    messages = parse_messages(f.get("messages"))
+    wants_logprobs = f.bool("logprobs", False)
+    top_logprobs = f.int("top_logprobs", None, 0, MAX_LOGPROBS)
+    if top_logprobs is not None and not wants_logprobs:
+        raise bad_request("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
+    logprobs = (top_logprobs or 0) if wants_logprobs else None
+    max_tokens_name = (
+        "max_completion_tokens" if f.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    sampling = parse_sampling(f, max_n, logprobs, max_tokens_name)
+    stream, include_usage = _parse_stream(f)
+    _parse_response_format(f.get("response_format"))
+    tools = parse_tools(f.get("tools"))
+    tool_choice = parse_tool_choice(f.get("tool_choice"), tools is not None)
+    f.bool("parallel_tool_calls", True)  # accepted; every call the model writes is returned
+    continue_final = f.bool("continue_final_message", False)
+    add_generation_prompt = f.bool("add_generation_prompt", not continue_final)
+    if continue_final:
+        if add_generation_prompt:
+            raise bad_request(
+                "continue_final_message",
+                "'continue_final_message' and 'add_generation_prompt' cannot both be true.",
+            )
+        if messages[-1]["role"] != "assistant":
+            raise bad_request(
+                "continue_final_message",
+                "'continue_final_message' needs the last message to be from the assistant.",
+            )
+    elif messages[-1]["role"] == "assistant":
+        raise bad_request(
+            "messages",
+            "The last message is from the assistant; set 'continue_final_message' to continue it.",
+        )
+    return ChatCompletionRequest(
+        model=f.str("model"),
+        messages=messages,
+        sampling=sampling,
+        stream=stream,
+        include_usage=include_usage,
+        tools=tools,
+        tool_choice=tool_choice,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final,
+        chat_template_kwargs=parse_template_kwargs(f),
+    )
+
+
+def parse_prompts(value: object) -> list[str | list[int]]:
+    """A string, strings, token ids, or lists of token ids -> a list of prompts."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return list(value)
+        if all(is_int(t) for t in value):
+            return [_parse_token_ids(value, "prompt", allow_empty=False)]
+        if all(isinstance(p, list) for p in value):
+            return [_parse_token_ids(p, "prompt", allow_empty=False) for p in value]
+    raise bad_request(
+        "prompt",
+        "'prompt' must be a string, an array of strings, an array of token ids "
+        "or an array of arrays of token ids.",
+    )
+
+
+def parse_completion_request(body: object, max_n: int) -> CompletionRequest:
+    f = _object(body)
+    prompts = parse_prompts(f.get("prompt"))
+    logprobs = f.int("logprobs", None, 0, MAX_LOGPROBS)
+    sampling = parse_sampling(f, max_n, logprobs, "max_tokens")
+    stream, include_usage = _parse_stream(f)
+    echo = f.bool("echo", False)
+    if echo and logprobs is not None:
+        raise bad_request("echo", "'echo' together with 'logprobs' is not supported.")
+    if f.str("suffix"):
+        raise bad_request("suffix", "'suffix' is not supported.")
+    best_of = f.int("best_of", None, 1)
+    if best_of is not None and best_of != sampling.n:
+        raise bad_request("best_of", "'best_of' is not supported (it must equal 'n').")
+    _parse_response_format(f.get("response_format"))
+    return CompletionRequest(
+        model=f.str("model"),
+        prompts=prompts,
+        sampling=sampling,
+        stream=stream,
+        include_usage=include_usage,
+        echo=echo,
+        add_special_tokens=f.bool("add_special_tokens", True),
+    )
+
+
+def parse_tokenize_request(body: object) -> TokenizeRequest:
+    f = _object(body)
+    req = TokenizeRequest(model=f.str("model"))
+    if f.get("messages") is not None:
+        req.messages = parse_messages(f.get("messages"))
+        req.tools = parse_tools(f.get("tools"))
+        req.continue_final_message = f.bool("continue_final_message", False)
+        req.add_generation_prompt = f.bool("add_generation_prompt", not req.continue_final_message)
+        req.add_special_tokens = f.bool("add_special_tokens", False)
+        req.chat_template_kwargs = parse_template_kwargs(f)
+    else:
+        req.prompt = f.str("prompt")
+        if req.prompt is None:
+            raise bad_request("prompt", "Give 'prompt' (a string) or 'messages'.")
+        req.add_special_tokens = f.bool("add_special_tokens", True)
+    req.return_token_strs = f.bool("return_token_strs", False)
+    return req
+
+
+def parse_detokenize_request(body: object) -> DetokenizeRequest:
+    f = _object(body)
+    tokens = _parse_token_ids(f.get("tokens"), "tokens", allow_empty=True)
+    return DetokenizeRequest(model=f.str("model"), tokens=tokens)
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = next((t for t in ids if t >= vocab_size), None)
+    if bad is not None:
+        raise bad_request(param, f"Token id {bad} in '{param}' is out of range [0, {vocab_size}).")
+
+
+def to_sampling_params(s: SamplingFields, max_tokens: int | None = None):
+    """The engine's SamplingParams (imported here so this module never loads torch)."""
+    from model.sampling_params import SamplingParams
+
+    try:
+        return SamplingParams(
+            n=s.n,
+            max_tokens=max_tokens if max_tokens is not None else s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            repetition_penalty=s.repetition_penalty,
+            logit_bias=dict(s.logit_bias) if s.logit_bias else None,
+            seed=s.seed,
+            logprobs=s.logprobs,
+            stop=list(s.stop),
+            stop_token_ids=list(s.stop_token_ids),
+            include_stop_str_in_output=s.include_stop_str_in_output,
+            ignore_eos=s.ignore_eos,
+            min_tokens=s.min_tokens,
+            skip_special_tokens=s.skip_special_tokens,
+        )
+    except ValueError as exc:
+        raise bad_request(None, str(exc)) from None

@@ -1,0 +1,399 @@
+"""One HTTP/1.1 connection: a thin asyncio.Protocol adapter around h11.Connection.
+
+Per-connection state (parser, deadline, flow control) lives on HTTPProtocol; per-request
+state (disconnect flag, callbacks, handler task, access-log figures) on a Cycle
+(responder.py), which is also what the handler's Request holds.
+Phases of a connection:
+    IDLE     waiting for a request head (keep-alive deadline, then header deadline)
+    BODY     head parsed, reading the body (body-stall deadline)
+    BUSY     handler running / response being written; pipelined bytes wait in h11
+    CLOSING  an error response went out or the socket is closing; reads are dropped
+The socket is read in every phase, so a client that goes away is seen at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote
+
+import h11
+
+from server.http.errors import HTTPError, raw_error_response
+from server.http.exchange import Cycle, run_cycle, send_error
+from server.http.messages import Request
+from server.http.wire import new_parser, wants_keep_alive
+
+if TYPE_CHECKING:
+    from server.http.server import HTTPServer
+
+logger = logging.getLogger("nanoserve.http")
+access_logger = logging.getLogger("nanoserve.access")
+
+IDLE, BODY, BUSY, CLOSING = 0, 1, 2, 3
+
+# After an error response the socket is half-closed and drained for at most this long, so
+# the client reads the response instead of a reset caused by its unread request bytes.
+LINGER_S = 1.0
+# Pipelined bytes buffered while a response is in progress before reading pauses.
+MAX_PIPELINED_BYTES = 256 * 1024
+
+
+class HTTPProtocol(asyncio.Protocol):
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.config = config = server.config
+        self.loop = server.loop
+        self.max_head_bytes = config.max_request_line_bytes + config.max_header_bytes
+        self.conn = new_parser(self.max_head_bytes)
+        self.transport: Any = None
+        self.client: tuple[str, int] | None = None
+        self.phase = IDLE
+        self.is_closed = False
+        self.cycle: Cycle | None = None
+        # One timer enforces whichever deadline applies (keep-alive, header, body); moving
+        # a deadline later only stores it, the timer re-arms itself when it fires early.
+        self.deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.linger_timer: asyncio.TimerHandle | None = None
+        self.is_head_started = True
+        self.num_pipelined_bytes = 0
+        self.is_read_paused = False
+        self.is_write_paused = False
+        self.drain_waiter: asyncio.Future | None = None
+
+    # ---- asyncio.Protocol callbacks
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = (str(peer[0]), int(peer[1]))
+        server = self.server
+        is_over_limit = len(server.connections) >= self.config.max_connections
+        server.connections.add(self)  # refused ones too, so shutdown closes them
+        if is_over_limit:
+            logger.warning("max_connections=%d reached, refusing", self.config.max_connections)
+            transport.write(raw_error_response(503, "Too many connections, retry later"))
+            self._linger_close()
+            return
+        transport.set_write_buffer_limits(high=self.config.write_high_water_bytes)
+        self._set_deadline(self.config.header_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self.phase
+        if phase == CLOSING:
+            return
+        self.conn.receive_data(data)
+        if phase == BUSY:
+            self.num_pipelined_bytes += len(data)
+            if self.num_pipelined_bytes > MAX_PIPELINED_BYTES and not self.is_read_paused:
+                self.is_read_paused = True
+                self.transport.pause_reading()
+            return
+        if not self.is_head_started:
+            self.is_head_started = True
+            self._set_deadline(self.config.header_timeout_s)
+        self.process_events()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_closed = True
+        self.phase = CLOSING
+        self.server.connections.discard(self)
+        self.deadline = None
+        for timer in (self.timer, self.linger_timer):
+            if timer is not None:
+                timer.cancel()
+        cycle = self.cycle
+        if cycle is not None and not cycle.is_disconnected:
+            cycle.mark_disconnected()
+            # A stream may be blocked inside its iterator: interrupt it so it is closed now.
+            if cycle.response_started and cycle.task is not None:
+                cycle.task.cancel()
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self.is_write_paused = True
+
+    def resume_writing(self) -> None:
+        self.is_write_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        waiter = self.drain_waiter
+        if waiter is not None:
+            self.drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below the low-water mark (or the client left)."""
+        if self.is_write_paused and not self.is_closed:
+            self.drain_waiter = waiter = self.loop.create_future()
+            await waiter
+
+    # ---- deadlines
+
+    def _set_deadline(self, delay_s: float) -> None:
+        deadline = self.loop.time() + delay_s
+        self.deadline = deadline
+        if self.timer is None or self.timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(deadline, self._on_deadline)
+            self.timer_at = deadline
+
+    def _on_deadline(self) -> None:
+        self.timer = None
+        deadline = self.deadline
+        if deadline is None or self.phase == BUSY or self.phase == CLOSING:
+            return
+        if self.loop.time() < deadline:
+            self.timer = self.loop.call_at(deadline, self._on_deadline)
+            self.timer_at = deadline
+            return
+        self.deadline = None
+        if self.phase == BODY:
+            self._reject(408, "Timed out waiting for the request body")
+        elif self.conn.trailing_data[0]:
+            self._reject(408, "Timed out waiting for the request headers")
+        else:
+            self._close()  # an idle keep-alive connection
+
+    # ---- reading a request
+
+    def process_events(self) -> None:
+        conn = self.conn
+        while self.phase == IDLE or self.phase == BODY:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._on_protocol_error(exc)
+                return
+            kind = type(event)
+            if kind is h11.Request:
+                self._on_request_head(event)
+            elif kind is h11.Data:
+                self._on_body(event.data)
+            elif kind is h11.EndOfMessage:
+                self._on_request_complete()
+                conn = self.conn  # replaced when a response completed synchronously
+            elif event is h11.NEED_DATA:
+                self._on_need_data()
+                return
+            else:  # PAUSED or ConnectionClosed: nothing to read now
+                return
+
+    def _on_need_data(self) -> None:
+        conn = self.conn
+        if self.phase == BODY:
+            if conn.they_are_waiting_for_100_continue:
+                continue_response = h11.InformationalResponse(
+                    status_code=100, headers=[], reason=b"Continue"
+                )
+                self.transport.write(conn.send(continue_response))
+            return
+        buffered = conn.trailing_data[0]
+        if buffered:
+            if not self.is_head_started:
+                self.is_head_started = True
+                self._set_deadline(self.config.header_timeout_s)
+            self._check_partial_head(buffered)
+
+    def _check_partial_head(self, buffered: bytes) -> bool:
+        """Refuse an incomplete head that is already over a limit; True when refused."""
+        config = self.config
+        line_end = buffered.find(b"\n", 0, config.max_request_line_bytes + 2)
+        if line_end < 0 and len(buffered) > config.max_request_line_bytes:
+            self._reject(414, "Request line too long")
+            return True
+        if line_end >= 0 and len(buffered) - line_end > config.max_header_bytes + 4:
+            self._reject(431, "Request header fields too large")
+            return True
+        return False
+
+    def _on_protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint
+        if status == 431:
+            if not self._check_partial_head(self.conn.trailing_data[0]):
+                self._reject(431, "Request header fields too large")
+        else:
+            self._reject(status, f"Malformed HTTP request: {exc}")
+
+    def _on_request_head(self, event: h11.Request) -> None:
+        config = self.config
+        server = self.server
+        self.phase = BODY
+        self._set_deadline(config.body_timeout_s)
+        target = event.target
+        raw_path, _, query_string = target.partition(b"?")
+        path = raw_path.decode("latin-1")
+        headers: dict[str, str] = {}
+        num_header_bytes = 0
+        for name, value in event.headers:
+            num_header_bytes += len(name) + len(value) + 4
+            key = name.decode("latin-1")
+            if key in headers:
+                headers[key] += ", " + value.decode("latin-1")
+            else:
+                headers[key] = value.decode("latin-1")
+        query = (
+            dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+            if query_string
+            else {}
+        )
+        self.cycle = cycle = Cycle()
+        cycle.request = request = Request(
+            event.method.decode("ascii"),
+            unquote(path) if "%" in path else path,
+            query,
+            headers,
+            b"",
+            {},
+            self.client,
+            server,
+            cycle,
+        )
+        cycle.keep_alive = wants_keep_alive(event.http_version, headers.get("connection"))
+        if len(event.method) + len(target) + 10 > config.max_request_line_bytes:
+            self._reject(414, "Request line too long")
+        elif len(event.headers) > config.max_header_fields:
+            self._reject(431, f"Too many header fields (limit {config.max_header_fields})")
+        elif num_header_bytes > config.max_header_bytes:
+            self._reject(431, "Request header fields too large")
+        elif int(headers.get("content-length", 0)) > config.max_body_bytes:
+            self._reject(413, f"Request body too large (limit {config.max_body_bytes} bytes)")
+        elif server.is_draining:
+            self._reject(503, "Server is shutting down")
+        else:
+            try:
+                if server.api_key is not None and path not in server.auth_exempt_paths:
+                    server.check_auth(headers.get("authorization"))
+                cycle.handler, request.path_params = server.router.match(request.method, path)
+            except HTTPError as exc:
+                if self.conn.they_are_waiting_for_100_continue:
+                    self._reject(exc.status, exc.message, exc.headers)
+                else:
+                    cycle.error = exc  # answered once the body has been read (and dropped)
+
+    def _on_body(self, data: bytes) -> None:
+        cycle = self.cycle
+        cycle.num_body_bytes += len(data)
+        if cycle.num_body_bytes > self.config.max_body_bytes:
+            self._reject(413, f"Request body too large (limit {self.config.max_body_bytes} bytes)")
+            return
+        if cycle.error is None:
+            cycle.body_parts.append(data)
+        self.deadline = self.loop.time() + self.config.body_timeout_s
+
+    def _on_request_complete(self) -> None:
+        self.deadline = None
+        self.phase = BUSY
+        cycle = self.cycle
+        parts = cycle.body_parts
+        if parts:
+            cycle.request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            cycle.body_parts = []
+        if cycle.error is not None:
+            send_error(self, cycle, cycle.error)
+            self.end_cycle(cycle.keep_alive)  # _process_events goes on with pipelined bytes
+            return
+        cycle.task = task = self.loop.create_task(run_cycle(self, cycle))
+        self.server.tasks.add(task)
+
+    def end_cycle(self, reusable: bool) -> None:
+        """The response is complete: close, or get ready for the next request."""
+        cycle = self.cycle
+        self.cycle = None
+        if cycle is not None:
+            self.log_access(cycle)
+        if self.is_closed or self.phase == CLOSING:
+            return
+        if not reusable or self.server.is_draining:
+            self._close()
+            return
+        # A fresh parser: h11 did not see complete responses (wire.py) and needs no reset.
+        pipelined = self.conn.trailing_data[0]
+        self.conn = new_parser(self.max_head_bytes)
+        if pipelined:
+            self.conn.receive_data(pipelined)
+        self.phase = IDLE
+        self.num_pipelined_bytes = 0
+        if self.is_read_paused:
+            self.is_read_paused = False
+            self.transport.resume_reading()
+        self.is_head_started = False
+        self._set_deadline(self.config.timeout_keep_alive_s)
+
+    def log_access(self, cycle: Cycle) -> None:
+        """One access-log line per request (once, however the request ended)."""
+        if cycle.is_logged:
+            return
+        cycle.is_logged = True
+        request = cycle.request
+        if request is not None and access_logger.isEnabledFor(logging.INFO):
+            client = self.client
+            access_logger.info(
+                '%s:%d - "%s %s" %d %d %.1fms',
+                client[0] if client else "-",
+                client[1] if client else 0,
+                request.method,
+                request.path,
+                cycle.status,
+                cycle.num_bytes_sent,
+                (time.perf_counter() - cycle.started_at) * 1000.0,
+            )
+
+    # ---- closing
+
+    def _reject(self, status: int, message: str, headers: list[tuple[str, str]] = ()) -> None:
+        """Answer a request we will not read further with an error, then close."""
+        if self.is_closed or self.phase == CLOSING:
+            return
+        self.transport.write(raw_error_response(status, message, headers))
+        cycle = self.cycle
+        self.cycle = None
+        if cycle is not None:
+            cycle.status = status
+            self.log_access(cycle)
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        self.phase = CLOSING
+        self.deadline = None
+        transport = self.transport
+        if self.is_read_paused:
+            self.is_read_paused = False
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.linger_timer = self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
+
+    def _close(self) -> None:
+        self.phase = CLOSING
+        self.deadline = None
+        if not self.is_closed:
+            self.transport.close()
+
+    def end_failed_stream(self, cycle: Cycle) -> None:
+        """A stream broke after its head went out: log it and close the connection."""
+        self.log_access(cycle)
+        if self.cycle is cycle:
+            self.cycle = None
+        self._close()
+
+    def close_now(self) -> None:
+        """Close at once (server shutdown); unsent buffered bytes are dropped."""
+        if self.transport is None or self.is_closed:
+            return
+        self.phase = CLOSING
+        self.deadline = None
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
