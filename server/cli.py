@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("nanoserve")
 
@@ -26,63 +28,126 @@ def parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512MiB)") from None
 
 
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass field `name`: flags read their defaults from the configs."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    assert field.default is not dataclasses.MISSING, f"{cls.__name__}.{name} has no default"
+    return field.default
+
+
+def add_config_flag(parser: argparse.ArgumentParser, flag: str, cls: type, name: str, **kw) -> None:
+    """A flag that sets field `name` of config class `cls`; its default is the field's."""
+    kw.setdefault("default", field_default(cls, name))
+    if "action" not in kw and "choices" not in kw:
+        kw.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    parser.add_argument(flag, dest=f"{cls.__name__}.{name}", **kw)
+
+
+def config_from_args(args: argparse.Namespace, cls: type, **values: Any) -> Any:
+    """`cls` built from the flags added for it by add_config_flag (plus `values`)."""
+    prefix = f"{cls.__name__}."
+    for dest, value in vars(args).items():
+        if dest.startswith(prefix):
+            values[dest.removeprefix(prefix)] = value
+    return cls(**values)
+
+
+def _key_or_none(text: str) -> str | None:
+    return text or None
+
+
+def add_serve_flags(serve: argparse.ArgumentParser) -> None:
+    from model.engine.config import DTYPES, EngineConfig
+    from server.api.handlers import APIState
+    from server.http.config import ServerConfig
+
+    serve.add_argument(
+        "model_dir", nargs="?", help="Hugging Face model folder (default: the default model)"
+    )
+    add_config_flag(serve, "--host", ServerConfig, "host")
+    add_config_flag(serve, "--port", ServerConfig, "port", type=int)
+    serve.add_argument("--served-model-name", help="model id in the API (default: the folder name)")
+    add_config_flag(
+        serve,
+        "--api-key",
+        ServerConfig,
+        "api_key",
+        type=_key_or_none,
+        default=os.environ.get("NANOSERVE_API_KEY"),
+        help="require this Bearer key (env NANOSERVE_API_KEY)",
+    )
+    engine_flags = [
+        ("--max-model-len", "max_model_len", int, "context length (default: the model's)"),
+        ("--max-num-seqs", "max_num_seqs", int, "sequences in one batch"),
+        (
+            "--max-num-batched-tokens",
+            "max_num_batched_tokens",
+            int,
+            "tokens in one step (default: 512 CPU, 2048 CUDA)",
+        ),
+        ("--kv-cache-memory", "kv_cache_memory_bytes", parse_bytes, "KV pool size on the CPU"),
+        (
+            "--gpu-memory-utilization",
+            "gpu_memory_utilization",
+            float,
+            "share of GPU memory to use",
+        ),
+        ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
+        ("--block-size", "block_size", int, None),
+        ("--max-queued-requests", "max_queued_requests", int, None),
+    ]
+    for flag, name, kind, help_text in engine_flags:
+        add_config_flag(serve, flag, EngineConfig, name, type=kind, help=help_text)
+    add_config_flag(serve, "--dtype", EngineConfig, "dtype", choices=["auto", *DTYPES])
+    add_config_flag(
+        serve,
+        "--enforce-eager",
+        EngineConfig,
+        "enforce_eager",
+        action="store_true",
+        help="CUDA: no CUDA graphs for decode",
+    )
+    add_config_flag(
+        serve,
+        "--attention-backend",
+        EngineConfig,
+        "attn_backend",
+        choices=["auto", "torch", "triton"],
+    )
+    add_config_flag(
+        serve, "--no-prefix-caching", EngineConfig, "enable_prefix_caching", action="store_false"
+    )
+    add_config_flag(
+        serve, "--max-n", APIState, "max_n", type=int, help="largest n a request may ask for"
+    )
+    server_flags = [
+        ("--max-body-bytes", "max_body_bytes", parse_bytes),
+        ("--max-connections", "max_connections", int),
+        ("--header-timeout", "header_timeout_s", float),
+        ("--body-timeout", "body_timeout_s", float),
+        ("--timeout-keep-alive", "timeout_keep_alive_s", float),
+        ("--shutdown-timeout", "shutdown_timeout_s", float),
+        ("--sse-ping-interval", "sse_ping_interval_s", float),
+    ]
+    for flag, name, kind in server_flags:
+        add_config_flag(serve, flag, ServerConfig, name, type=kind)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from model.engine.config import DTYPES, EngineConfig
+
     parser = argparse.ArgumentParser(
         prog="nanoserve", description="A small OpenAI-compatible LLM server"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
-    serve.add_argument(
-        "model_dir", nargs="?", help="Hugging Face model folder (default: the default model)"
+    add_serve_flags(
+        sub.add_parser(
+            "serve",
+            help="serve a model over the OpenAI API",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", help="model id in the API (default: the folder name)")
-    serve.add_argument(
-        "--api-key",
-        default=os.environ.get("NANOSERVE_API_KEY"),
-        help="require this Bearer key (env NANOSERVE_API_KEY)",
-    )
-    serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch")
-    serve.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        help="tokens in one step (default: 512 CPU, 2048 CUDA)",
-    )
-    serve.add_argument(
-        "--kv-cache-memory",
-        type=parse_bytes,
-        default=2 * GiB,
-        help="KV pool size on the CPU (default 2GiB)",
-    )
-    serve.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="share of GPU memory to use (default 0.9)",
-    )
-    serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    serve.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    serve.add_argument("--block-size", type=int, default=16)
-    serve.add_argument(
-        "--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode"
-    )
-    serve.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    serve.add_argument("--no-prefix-caching", action="store_true")
-    serve.add_argument("--max-queued-requests", type=int, default=1024)
-    serve.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
-    serve.add_argument("--max-body-bytes", type=parse_bytes, default=16 * MiB)
-    serve.add_argument("--max-connections", type=int, default=2048)
-    serve.add_argument("--header-timeout", type=float, default=10.0)
-    serve.add_argument("--body-timeout", type=float, default=30.0)
-    serve.add_argument("--timeout-keep-alive", type=float, default=5.0)
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0)
-    serve.add_argument("--sse-ping-interval", type=float, default=15.0)
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     pull = sub.add_parser("pull", help="download and convert the default model")
     pull.add_argument("--force", action="store_true", help="convert again even if present")
@@ -100,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--system", help="system prompt")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_config_flag(gen, "--device", EngineConfig, "device")
+    add_config_flag(gen, "--dtype", EngineConfig, "dtype", choices=["auto", *DTYPES])
     return parser
 
 
@@ -141,10 +206,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model_dir(args.model)
     engine = LLMEngine(
-        EngineConfig(
+        config_from_args(
+            args,
+            EngineConfig,
             model_dir=str(model_dir),
-            device=args.device,
-            dtype=args.dtype,
             max_num_seqs=1,
             kv_cache_memory_bytes=256 * MiB,
         )
@@ -166,6 +231,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from model.config import ModelConfig
+    from model.engine.config import EngineConfig
+    from model.models.weights import checkpoint_files
+    from model.text.tokenizer import Tokenizer
+    from server.api.handlers import APIState
+    from server.http.config import ServerConfig
+    from server.serve import serve
+
+    model_dir = resolve_model_dir(args.model_dir)
+    # Cheap checks first, so a broken folder fails in a second with one line (exit 2).
+    ModelConfig.from_dir(model_dir)
+    Tokenizer.from_dir(model_dir)
+    checkpoint_files(model_dir)
+    model_name = args.served_model_name or model_dir.resolve().name
+    try:
+        engine_config = config_from_args(args, EngineConfig, model_dir=str(model_dir))
+        server_config = config_from_args(args, ServerConfig)
+        state = config_from_args(args, APIState, served_model_names=[model_name])
+    except ValueError as exc:
+        return fail(str(exc), 2)
+    return serve(engine_config, server_config, state)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", "warning")
@@ -181,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_convert(args)
         if args.command == "generate":
             return cmd_generate(args)
-        from server.serve import serve
-
-        return serve(args, resolve_model_dir(args.model_dir))
+        return cmd_serve(args)
     except ModelLoadError as exc:
         return fail(str(exc), 2)
     except TemplateError as exc:

@@ -2,62 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.api.handlers import APIState, build_router
 from server.http.config import ServerConfig
 from server.http.routing import Router
 from server.http.server import run_server
 
+if TYPE_CHECKING:
+    from model.engine.config import EngineConfig
+
 logger = logging.getLogger("nanoserve")
 
 
-def serve(args: argparse.Namespace, model_dir: Path) -> int:
-    # Imported here so the HTTP side stays importable without torch (python -m server --help).
-    from model.config import ModelConfig
-    from model.engine.config import EngineConfig
-    from model.models.weights import checkpoint_files
-    from model.text.tokenizer import Tokenizer
-
-    # Cheap checks first, so a broken folder fails in a second with one line (exit 2).
-    ModelConfig.from_dir(model_dir)
-    Tokenizer.from_dir(model_dir)
-    checkpoint_files(model_dir)
-    engine_config = EngineConfig(
-        model_dir=str(model_dir),
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        kv_cache_memory_bytes=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=not args.no_prefix_caching,
-        max_queued_requests=args.max_queued_requests,
-        attn_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager,
-    )
-    server_config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key or None,
-        max_body_bytes=args.max_body_bytes,
-        header_timeout_s=args.header_timeout,
-        body_timeout_s=args.body_timeout,
-        timeout_keep_alive_s=args.timeout_keep_alive,
-        max_connections=args.max_connections,
-        shutdown_timeout_s=args.shutdown_timeout,
-        sse_ping_interval_s=args.sse_ping_interval,
-    )
-    model_name = args.served_model_name or model_dir.resolve().name
-    state = APIState(served_model_names=[model_name], max_n=args.max_n)
+def serve(engine_config: EngineConfig, server_config: ServerConfig, state: APIState) -> int:
+    """Serve `state`'s API on server_config's address; the engine loads once the socket is bound."""
+    model_dir = engine_config.model_dir
+    model_name = state.served_model_names[0]
     router = build_router(state, Router())
     failure: list[int] = []
 

@@ -1,12 +1,20 @@
-"""The engine's configuration (`EngineConfig`) and the dtype names it accepts."""
+"""The engine's configuration (`EngineConfig`) and the dtype names it accepts.
+
+Torch-free at import: the CLI reads these fields' defaults for its flags (`nanoserve serve
+--help` loads no torch); torch is imported when a config is built.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from model.engine.outputs import GiB
+MiB = 1 << 20
+GiB = 1 << 30
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -28,6 +36,8 @@ class EngineConfig:
     cpu_packed_weights: bool = True  # CPU: linear layers from oneDNN-packed weights
 
     def __post_init__(self) -> None:
+        import torch
+
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         is_cuda = self.device.startswith("cuda")
@@ -53,7 +63,6 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
 
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        return getattr(torch, self.dtype)

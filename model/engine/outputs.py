@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 
 from model.sample.metadata import TokenLogprobs
 
-GiB = 1 << 30
 
 
 @dataclass
