@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import ModelLoadError, TemplateError
+from model.text.chat_prompt import (
+    ChatPrompt,
+    SpecialTokenText,
+    encode_with_spans,
+    map_client_strings,
+    marked_render,
+)
 from model.text.chat_template import compile_template, render_chat_template
 
 logger = logging.getLogger(__name__)
@@ -112,6 +119,13 @@ class Tokenizer:
         self._added_text = {i: t.content for i, t in added.items()}
         # The ids decode(skip_special_tokens=True) drops.
         self.skipped_special_ids = frozenset(i for i, t in added.items() if t.special)
+        special = {i: t for i, t in added.items() if t.special}
+        self._special_text = SpecialTokenText(
+            {t.content: i for i, t in special.items()},
+            rstrip={t.content for t in special.values() if t.rstrip},
+            lstrip={t.content for t in special.values() if t.lstrip},
+        )
+        self._text_backend: Any = None  # a copy that reads special-token text as text
         self.all_special_ids: set[int] = set(self.skipped_special_ids)
         for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
             token_id = self.token_to_id(self._template_tokens.get(name))
@@ -159,6 +173,15 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Encode with special-token text read as ordinary text (never a control token)."""
+        if self._text_backend is None:
+            from tokenizers import Tokenizer as BackendTokenizer
+
+            self._text_backend = BackendTokenizer.from_str(self._backend.to_str())
+            self._text_backend.encode_special_tokens = True
+        return self._text_backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -213,3 +236,38 @@ class Tokenizer:
             continue_final_message=continue_final_message,
             **variables,
         )
+
+    def encode_chat(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        add_special_tokens: bool = False,
+        **extra: Any,
+    ) -> ChatPrompt:
+        """Render the chat and encode it; client text never becomes control tokens.
+
+        Only what the template writes may be a special token; see model/text/chat_prompt.py.
+        Raises TemplateError like apply_chat_template.
+        """
+        special = self._special_text
+        if tools is not None and special.occurs_in(tools):
+            tools = map_client_strings(tools, special.break_up)
+
+        def render(chat: list[dict]) -> str:
+            return self.apply_chat_template(
+                chat, tools, add_generation_prompt, continue_final_message, **extra
+            )
+
+        text = render(messages)
+        if not special.occurs_in(messages):
+            return ChatPrompt(text, self.encode(text, add_special_tokens))
+        spans = marked_render(render, messages, text)
+        if spans is None:  # the template transforms content: break the token texts up instead
+            text = render(map_client_strings(messages, special.break_up))
+            return ChatPrompt(text, self.encode(text, add_special_tokens))
+        ids = encode_with_spans(text, spans, special, self.encode_as_text)
+        if add_special_tokens:
+            ids = self.encode("", add_special_tokens=True) + ids
+        return ChatPrompt(text, ids)
