@@ -1,8 +1,10 @@
 """One HTTP/1.1 connection: a thin asyncio.Protocol adapter around h11.Connection.
 
-Per-connection state (parser, deadline, flow control) lives on HTTPProtocol; per-request
-state (disconnect flag, callbacks, handler task, access-log figures) on a Cycle
-(responder.py), which is also what the handler's Request holds.
+HTTPProtocol holds the per-connection state (parser, phase, deadlines, limits,
+pipelining, access log, closing) and a FlowControl for write backpressure. Each request
+gets a Cycle (exchange.py), also held by the handler's Request; run_cycle answers it in a
+task and returns an Outcome that the connection acts on (next pipelined request, close,
+abort). What the server shares comes in as a ServerState (state.py).
 Phases of a connection:
     IDLE     waiting for a request head (keep-alive deadline, then header deadline)
     BODY     head parsed, reading the body (body-stall deadline)
@@ -16,18 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote
+from typing import Any
+from urllib.parse import unquote
 
 import h11
 
+from server.http.auth import AUTH_EXEMPT_PATHS
 from server.http.errors import HTTPError, raw_error_response
-from server.http.exchange import Cycle, run_cycle, send_error
+from server.http.exchange import Cycle, Outcome, run_cycle, send_error
+from server.http.flow_control import FlowControl
 from server.http.messages import Request
-from server.http.wire import new_parser, wants_keep_alive
-
-if TYPE_CHECKING:
-    from server.http.server import HTTPServer
+from server.http.state import ServerState
+from server.http.wire import decode_head, new_parser, wants_keep_alive
 
 logger = logging.getLogger("nanoserve.http")
 access_logger = logging.getLogger("nanoserve.access")
@@ -42,10 +44,10 @@ MAX_PIPELINED_BYTES = 256 * 1024
 
 
 class HTTPProtocol(asyncio.Protocol):
-    def __init__(self, server: HTTPServer) -> None:
-        self.server = server
-        self.config = config = server.config
-        self.loop = server.loop
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = config = state.config
+        self.loop = loop = asyncio.get_running_loop()
         self.max_head_bytes = config.max_request_line_bytes + config.max_header_bytes
         self.conn = new_parser(self.max_head_bytes)
         self.transport: Any = None
@@ -62,8 +64,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.is_head_started = True
         self.num_pipelined_bytes = 0
         self.is_read_paused = False
-        self.is_write_paused = False
-        self.drain_waiter: asyncio.Future | None = None
+        self.flow = FlowControl(loop)
 
     # ---- asyncio.Protocol callbacks
 
@@ -72,9 +73,9 @@ class HTTPProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = (str(peer[0]), int(peer[1]))
-        server = self.server
-        is_over_limit = len(server.connections) >= self.config.max_connections
-        server.connections.add(self)  # refused ones too, so shutdown closes them
+        connections = self.state.connections
+        is_over_limit = len(connections) >= self.config.max_connections
+        connections.add(self)  # refused ones too, so shutdown closes them
         if is_over_limit:
             logger.warning("max_connections=%d reached, refusing", self.config.max_connections)
             transport.write(raw_error_response(503, "Too many connections, retry later"))
@@ -97,12 +98,12 @@ class HTTPProtocol(asyncio.Protocol):
         if not self.is_head_started:
             self.is_head_started = True
             self._set_deadline(self.config.header_timeout_s)
-        self.process_events()
+        self._process_events()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_closed = True
         self.phase = CLOSING
-        self.server.connections.discard(self)
+        self.state.connections.discard(self)
         self.deadline = None
         for timer in (self.timer, self.linger_timer):
             if timer is not None:
@@ -113,27 +114,13 @@ class HTTPProtocol(asyncio.Protocol):
             # A stream may be blocked inside its iterator: interrupt it so it is closed now.
             if cycle.response_started and cycle.task is not None:
                 cycle.task.cancel()
-        self._wake_writer()
+        self.flow.close()
 
     def pause_writing(self) -> None:
-        self.is_write_paused = True
+        self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self.is_write_paused = False
-        self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        waiter = self.drain_waiter
-        if waiter is not None:
-            self.drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def drain(self) -> None:
-        """Wait until the transport's buffer is below the low-water mark (or the client left)."""
-        if self.is_write_paused and not self.is_closed:
-            self.drain_waiter = waiter = self.loop.create_future()
-            await waiter
+        self.flow.resume_writing()
 
     # ---- deadlines
 
@@ -165,7 +152,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     # ---- reading a request
 
-    def process_events(self) -> None:
+    def _process_events(self) -> None:
         conn = self.conn
         while self.phase == IDLE or self.phase == BODY:
             try:
@@ -225,26 +212,10 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _on_request_head(self, event: h11.Request) -> None:
         config = self.config
-        server = self.server
+        state = self.state
         self.phase = BODY
         self._set_deadline(config.body_timeout_s)
-        target = event.target
-        raw_path, _, query_string = target.partition(b"?")
-        path = raw_path.decode("latin-1")
-        headers: dict[str, str] = {}
-        num_header_bytes = 0
-        for name, value in event.headers:
-            num_header_bytes += len(name) + len(value) + 4
-            key = name.decode("latin-1")
-            if key in headers:
-                headers[key] += ", " + value.decode("latin-1")
-            else:
-                headers[key] = value.decode("latin-1")
-        query = (
-            dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
-            if query_string
-            else {}
-        )
+        path, query, headers, num_header_bytes = decode_head(event.target, event.headers)
         self.cycle = cycle = Cycle()
         cycle.request = request = Request(
             event.method.decode("ascii"),
@@ -254,11 +225,11 @@ class HTTPProtocol(asyncio.Protocol):
             b"",
             {},
             self.client,
-            server,
+            state,
             cycle,
         )
         cycle.keep_alive = wants_keep_alive(event.http_version, headers.get("connection"))
-        if len(event.method) + len(target) + 10 > config.max_request_line_bytes:
+        if len(event.method) + len(event.target) + 10 > config.max_request_line_bytes:
             self._reject(414, "Request line too long")
         elif len(event.headers) > config.max_header_fields:
             self._reject(431, f"Too many header fields (limit {config.max_header_fields})")
@@ -266,13 +237,14 @@ class HTTPProtocol(asyncio.Protocol):
             self._reject(431, "Request header fields too large")
         elif int(headers.get("content-length", 0)) > config.max_body_bytes:
             self._reject(413, f"Request body too large (limit {config.max_body_bytes} bytes)")
-        elif server.is_draining:
+        elif state.is_draining:
             self._reject(503, "Server is shutting down")
         else:
             try:
-                if server.api_key is not None and path not in server.auth_exempt_paths:
-                    server.check_auth(headers.get("authorization"))
-                cycle.handler, request.path_params = server.router.match(request.method, path)
+                check_auth = state.check_auth
+                if check_auth is not None and path not in AUTH_EXEMPT_PATHS:
+                    check_auth(headers.get("authorization"))
+                cycle.handler, request.path_params = state.router.match(request.method, path)
             except HTTPError as exc:
                 if self.conn.they_are_waiting_for_100_continue:
                     self._reject(exc.status, exc.message, exc.headers)
@@ -298,21 +270,52 @@ class HTTPProtocol(asyncio.Protocol):
             cycle.request.body = parts[0] if len(parts) == 1 else b"".join(parts)
             cycle.body_parts = []
         if cycle.error is not None:
-            send_error(self, cycle, cycle.error)
-            self.end_cycle(cycle.keep_alive)  # _process_events goes on with pipelined bytes
+            outcome = send_error(cycle, self.transport, cycle.error, self.state.is_draining)
+            # Then _process_events goes on with any pipelined bytes.
+            self._end_cycle(outcome is Outcome.KEEP_ALIVE)
             return
-        cycle.task = task = self.loop.create_task(run_cycle(self, cycle))
-        self.server.tasks.add(task)
+        cycle.task = task = self.loop.create_task(self._respond(cycle))
+        self.state.tasks.add(task)
 
-    def end_cycle(self, reusable: bool) -> None:
+    async def _respond(self, cycle: Cycle) -> None:
+        """The task of one request: the exchange, then what its outcome asks of us."""
+        try:
+            outcome = await run_cycle(
+                cycle,
+                self.transport,
+                self.flow,
+                self._is_draining,
+                self.conn.their_http_version >= b"1.1",
+                self.config.sse_ping_interval_s,
+            )
+            if outcome is Outcome.KEEP_ALIVE or outcome is Outcome.CLOSE:
+                self._end_cycle(outcome is Outcome.KEEP_ALIVE)
+                self._process_events()  # the next pipelined request, if any
+            elif outcome is Outcome.BROKEN:
+                self._end_failed_stream(cycle)
+            elif outcome is Outcome.ABORT:
+                self.close_now()
+            # Outcome.GONE: connection_lost already did everything.
+        except Exception:
+            request = cycle.request
+            logger.exception("internal error answering %s %s", request.method, request.path)
+            self.close_now()
+        finally:
+            self._log_access(cycle)
+            self.state.tasks.discard(cycle.task)
+
+    def _is_draining(self) -> bool:
+        return self.state.is_draining
+
+    def _end_cycle(self, reusable: bool) -> None:
         """The response is complete: close, or get ready for the next request."""
         cycle = self.cycle
         self.cycle = None
         if cycle is not None:
-            self.log_access(cycle)
+            self._log_access(cycle)
         if self.is_closed or self.phase == CLOSING:
             return
-        if not reusable or self.server.is_draining:
+        if not reusable or self.state.is_draining:
             self._close()
             return
         # A fresh parser: h11 did not see complete responses (wire.py) and needs no reset.
@@ -328,7 +331,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.is_head_started = False
         self._set_deadline(self.config.timeout_keep_alive_s)
 
-    def log_access(self, cycle: Cycle) -> None:
+    def _log_access(self, cycle: Cycle) -> None:
         """One access-log line per request (once, however the request ended)."""
         if cycle.is_logged:
             return
@@ -358,7 +361,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.cycle = None
         if cycle is not None:
             cycle.status = status
-            self.log_access(cycle)
+            self._log_access(cycle)
         self._linger_close()
 
     def _linger_close(self) -> None:
@@ -380,9 +383,9 @@ class HTTPProtocol(asyncio.Protocol):
         if not self.is_closed:
             self.transport.close()
 
-    def end_failed_stream(self, cycle: Cycle) -> None:
+    def _end_failed_stream(self, cycle: Cycle) -> None:
         """A stream broke after its head went out: log it and close the connection."""
-        self.log_access(cycle)
+        self._log_access(cycle)
         if self.cycle is cycle:
             self.cycle = None
         self._close()

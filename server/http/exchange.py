@@ -1,5 +1,9 @@
-"""Answering one request: run the handler, write its response (complete or streamed).
+"""One request/response exchange: run the handler, write its response, say how it ended.
 
+The connection hands run_cycle what it needs (transport, flow control, the drain flag,
+framing, ping interval) and acts on the Outcome it returns; nothing here knows the
+connection. The Cycle is the exchange's state, written here and read by the connection
+for the access log; the connection marks it disconnected when the client goes away.
 Complete bodies go out in one write (wire.response_bytes). A StreamingResponse gets a
 head from wire.stream_head, then each item becomes one chunk, framed here and written
 straight to the transport, pausing while the transport is above its high-water mark.
@@ -8,24 +12,34 @@ straight to the transport, pausing while the transport is above its high-water m
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
 from server.http.errors import HTTPError, raw_error_response
+from server.http.flow_control import FlowControl
 from server.http.messages import Request, RequestCycle, Response, StreamingResponse
 from server.http.sse import EventSourceResponse, encode_event
 from server.http.wire import response_bytes, stream_head
-
-if TYPE_CHECKING:
-    from server.http.connection import HTTPProtocol
 
 logger = logging.getLogger("nanoserve.http")
 
 INTERNAL_ERROR = HTTPError(500, "Internal server error")
 _LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Outcome(enum.Enum):
+    """How an exchange ended, i.e. what the connection does next."""
+
+    KEEP_ALIVE = "keep-alive"  # response complete: read the next (pipelined) request
+    CLOSE = "close"  # response complete, says "connection: close": close the connection
+    BROKEN = "broken"  # the stream failed after (or while making) its head: close
+    ABORT = "abort"  # cancelled or an internal error: close now, unsent bytes dropped
+    GONE = "gone"  # the client went away: nothing to send, the connection is closing
 
 
 class Cycle(RequestCycle):
@@ -70,8 +84,16 @@ async def aclose_iterator(iterator: Any) -> None:
         logger.exception("closing a response stream failed")
 
 
-async def run_cycle(proto: HTTPProtocol, cycle: Cycle) -> None:
-    """The task of one request: handler, response, then the next pipelined request."""
+async def run_cycle(
+    cycle: Cycle,
+    transport: Any,
+    flow: FlowControl,
+    is_draining: Callable[[], bool],
+    is_chunked: bool,
+    ping_interval_s: float,
+) -> Outcome:
+    """Call the handler and send its response. `is_chunked`: the peer speaks HTTP/1.1;
+    `ping_interval_s`: for streams that do not set their own."""
     request = cycle.request
     try:
         try:
@@ -81,60 +103,60 @@ async def run_cycle(proto: HTTPProtocol, cycle: Cycle) -> None:
         except Exception:
             logger.exception("handler failed: %s %s", request.method, request.path)
             response = INTERNAL_ERROR
-        if cycle.is_disconnected or proto.is_closed:
+        if cycle.is_disconnected:
             if isinstance(response, StreamingResponse):
                 await aclose_iterator(response.body_iterator)
-            return
+            return Outcome.GONE
         if isinstance(response, Response):
-            send_response(
-                proto,
+            return send_response(
                 cycle,
+                transport,
                 response.status,
                 response.content_type,
                 response.body,
                 response.headers,
+                is_draining(),
             )
-        elif isinstance(response, HTTPError):
-            send_error(proto, cycle, response)
-        elif isinstance(response, StreamingResponse):
-            if not await stream_response(proto, cycle, response):
-                return
-        else:
-            logger.error("handler returned %r, not a Response", type(response).__name__)
-            send_error(proto, cycle, INTERNAL_ERROR)
-        proto.end_cycle(cycle.keep_alive)
-        proto.process_events()
+        if isinstance(response, HTTPError):
+            return send_error(cycle, transport, response, is_draining())
+        if isinstance(response, StreamingResponse):
+            return await stream_response(
+                cycle, transport, flow, response, is_draining(), is_chunked, ping_interval_s
+            )
+        logger.error("handler returned %r, not a Response", type(response).__name__)
+        return send_error(cycle, transport, INTERNAL_ERROR, is_draining())
     except asyncio.CancelledError:
         # The client left mid-stream (already handled), or the server's shutdown timeout.
-        if not cycle.is_disconnected:
-            logger.warning("request cancelled: %s %s", request.method, request.path)
-            proto.close_now()
+        if cycle.is_disconnected:
+            return Outcome.GONE
+        logger.warning("request cancelled: %s %s", request.method, request.path)
+        return Outcome.ABORT
     except Exception:
         logger.exception("internal error answering %s %s", request.method, request.path)
-        proto.close_now()
-    finally:
-        proto.log_access(cycle)
-        proto.server.tasks.discard(cycle.task)
+        return Outcome.ABORT
 
 
-def send_error(proto: HTTPProtocol, cycle: Cycle, exc: HTTPError) -> None:
+def send_error(cycle: Cycle, transport: Any, exc: HTTPError, is_draining: bool) -> Outcome:
     try:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers]
     except UnicodeEncodeError:
         logger.exception("invalid header in %r", exc)
         exc, headers = INTERNAL_ERROR, []
-    send_response(proto, cycle, exc.status, b"application/json", exc.body(), headers)
+    return send_response(
+        cycle, transport, exc.status, b"application/json", exc.body(), headers, is_draining
+    )
 
 
 def send_response(
-    proto: HTTPProtocol,
     cycle: Cycle,
+    transport: Any,
     status: int,
     content_type: bytes,
     body: bytes,
     headers: list[tuple[bytes, bytes]],
-) -> None:
-    if proto.server.is_draining:
+    is_draining: bool,
+) -> Outcome:
+    if is_draining:
         cycle.keep_alive = False
     try:
         data = response_bytes(
@@ -146,32 +168,36 @@ def send_response(
         body = INTERNAL_ERROR.body()
         cycle.keep_alive = False
         data = raw_error_response(500, INTERNAL_ERROR.message)
-    proto.transport.write(data)
+    transport.write(data)
     cycle.status = status
     cycle.num_bytes_sent = len(body)
+    return Outcome.KEEP_ALIVE if cycle.keep_alive else Outcome.CLOSE
 
 
 class Pinger:
     """Writes `frame` whenever the stream has been silent for interval_s seconds."""
 
-    def __init__(self, proto: HTTPProtocol, frame: bytes, interval_s: float) -> None:
-        self.proto = proto
+    def __init__(
+        self, cycle: Cycle, transport: Any, flow: FlowControl, frame: bytes, interval_s: float
+    ) -> None:
+        self.cycle = cycle
+        self.transport = transport
+        self.flow = flow
         self.frame = frame
         self.interval_s = interval_s
-        self.loop = proto.loop
-        self.last_write_at = self.loop.time()
-        self.handle = self.loop.call_later(interval_s, self._tick)
+        self.loop = loop = asyncio.get_running_loop()
+        self.last_write_at = loop.time()
+        self.handle = loop.call_later(interval_s, self._tick)
 
     def _tick(self) -> None:
-        proto = self.proto
-        if proto.is_closed:
+        if self.cycle.is_disconnected:
             return
         now = self.loop.time()
         due_at = self.last_write_at + self.interval_s
         if now >= due_at - 1e-3:
             # A paused transport already holds unsent bytes: a ping would add nothing.
-            if not proto.is_write_paused:
-                proto.transport.write(self.frame)
+            if not self.flow.is_write_paused:
+                self.transport.write(self.frame)
             self.last_write_at = now
             due_at = now + self.interval_s
         self.handle = self.loop.call_at(due_at, self._tick)
@@ -180,14 +206,19 @@ class Pinger:
         self.handle.cancel()
 
 
-async def stream_response(proto: HTTPProtocol, cycle: Cycle, response: StreamingResponse) -> bool:
-    """Send `response`; True when it completed (then cycle.keep_alive says whether the
-    connection may serve another request), False when the connection is closing."""
-    transport = proto.transport
+async def stream_response(
+    cycle: Cycle,
+    transport: Any,
+    flow: FlowControl,
+    response: StreamingResponse,
+    is_draining: bool,
+    is_chunked: bool,
+    ping_interval_s: float,
+) -> Outcome:
+    """Send `response`: chunked framing for HTTP/1.1 peers, a close-delimited body for
+    HTTP/1.0 ones."""
     iterator = response.body_iterator
-    # Chunked framing for HTTP/1.1 peers; HTTP/1.0 peers get a close-delimited body.
-    is_chunked = proto.conn.their_http_version >= b"1.1"
-    if proto.server.is_draining or not is_chunked:
+    if is_draining or not is_chunked:
         cycle.keep_alive = False
     try:
         head = stream_head(
@@ -198,29 +229,30 @@ async def stream_response(proto: HTTPProtocol, cycle: Cycle, response: Streaming
         await aclose_iterator(iterator)
         cycle.status = 500
         transport.write(raw_error_response(500, "Internal server error"))
-        proto.end_failed_stream(cycle)
-        return False
+        return Outcome.BROKEN
     cycle.status = response.status
     cycle.response_started = True
     transport.write(head)
     if cycle.request.method == "HEAD":
         await aclose_iterator(iterator)
-        return True
+        return Outcome.KEEP_ALIVE if cycle.keep_alive else Outcome.CLOSE
 
     interval_s = response.ping_interval_s
     if interval_s is None:
-        interval_s = proto.config.sse_ping_interval_s
+        interval_s = ping_interval_s
     pinger = None
     if response.ping_frame is not None and interval_s > 0:
         frame = response.ping_frame
-        pinger = Pinger(
-            proto, b"%x\r\n%b\r\n" % (len(frame), frame) if is_chunked else frame, interval_s
-        )
+        if is_chunked:
+            frame = b"%x\r\n%b\r\n" % (len(frame), frame)
+        pinger = Pinger(cycle, transport, flow, frame, interval_s)
     is_plain_sse = type(response).encode is EventSourceResponse.encode
     write_chunks = _write_sse if is_chunked and is_plain_sse else _write
     failure: Exception | None = None
     try:
-        cycle.num_bytes_sent = await write_chunks(proto, cycle, response, is_chunked, pinger)
+        cycle.num_bytes_sent = await write_chunks(
+            cycle, transport, flow, response, is_chunked, pinger
+        )
     except Exception as exc:
         failure = exc
     finally:
@@ -228,8 +260,8 @@ async def stream_response(proto: HTTPProtocol, cycle: Cycle, response: Streaming
             pinger.cancel()
         await aclose_iterator(iterator)
 
-    if cycle.is_disconnected or proto.is_closed:
-        return False
+    if cycle.is_disconnected:
+        return Outcome.GONE
     if failure is not None:
         logger.error(
             "stream failed after the response started: %s %s",
@@ -242,22 +274,21 @@ async def stream_response(proto: HTTPProtocol, cycle: Cycle, response: Streaming
             transport.write(
                 b"%x\r\n%b\r\n%b" % (len(frame), frame, _LAST_CHUNK) if is_chunked else frame
             )
-        proto.end_failed_stream(cycle)
-        return False
+        return Outcome.BROKEN
     if is_chunked:
         transport.write(_LAST_CHUNK)
-    return True
+    return Outcome.KEEP_ALIVE if cycle.keep_alive else Outcome.CLOSE
 
 
 async def _write(
-    proto: HTTPProtocol,
     cycle: Cycle,
+    transport: Any,
+    flow: FlowControl,
     response: StreamingResponse,
     is_chunked: bool,
     pinger: Pinger | None,
 ) -> int:
-    transport = proto.transport
-    loop = proto.loop
+    loop = asyncio.get_running_loop()
     encode = response.encode
     num_bytes = 0
     async for item in response.body_iterator:
@@ -270,23 +301,23 @@ async def _write(
         cycle.num_bytes_sent = num_bytes
         if pinger is not None:
             pinger.last_write_at = loop.time()
-        if proto.is_write_paused:
-            await proto.drain()
+        if flow.is_write_paused:
+            await flow.drain()
         if cycle.is_disconnected:
             break
     return num_bytes
 
 
 async def _write_sse(
-    proto: HTTPProtocol,
     cycle: Cycle,
+    transport: Any,
+    flow: FlowControl,
     response: StreamingResponse,
     is_chunked: bool,
     pinger: Pinger | None,
 ) -> int:
     """_write for EventSourceResponse, with one-line events framed in one step (hot path)."""
-    transport = proto.transport
-    loop = proto.loop
+    loop = asyncio.get_running_loop()
     dumps = orjson.dumps
     num_bytes = 0
     async for item in response.body_iterator:
@@ -308,8 +339,8 @@ async def _write_sse(
         cycle.num_bytes_sent = num_bytes
         if pinger is not None:
             pinger.last_write_at = loop.time()
-        if proto.is_write_paused:
-            await proto.drain()
+        if flow.is_write_paused:
+            await flow.drain()
         if cycle.is_disconnected:
             break
     return num_bytes

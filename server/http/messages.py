@@ -66,7 +66,7 @@ class Request:
     body: bytes = b""
     path_params: dict[str, str] = field(default_factory=dict)
     client: tuple[str, int] | None = None
-    # The HTTPServer serving this request (None in unit tests); handlers read .is_draining.
+    # The serving server's ServerState (None in unit tests); handlers read .is_draining.
     server: Any = field(default=None, repr=False)
     cycle: RequestCycle = field(default_factory=RequestCycle, repr=False)
 

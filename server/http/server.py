@@ -1,25 +1,28 @@
-"""The HTTP/1.1 server: configuration, listening socket, graceful shutdown, run_server.
+"""The HTTP/1.1 server: listening socket, connection set, graceful drain, run_server.
 
-Handlers and response types are re-exported here so the API layer imports one module:
-    from server.http import (EventSourceResponse, HTTPServer, JSONResponse, Request,
-                             Response, ServerConfig, StreamingResponse, run_server)
+The server owns one ServerState (state.py) and hands it to each HTTPProtocol it creates;
+it reaches its connections only to close them at shutdown. Handlers and response types
+are re-exported here, so one import gives the whole surface:
+    from server.http.server import (EventSourceResponse, HTTPServer, JSONResponse, Request,
+                                    Response, ServerConfig, StreamingResponse, run_server)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+from server.http.auth import auth_check
 from server.http.config import ServerConfig
 from server.http.connection import HTTPProtocol
 from server.http.errors import HTTPError
 from server.http.messages import Handler, JSONResponse, Request, Response, StreamingResponse
 from server.http.routing import Router
 from server.http.sse import EventSourceResponse
+from server.http.state import ServerState
 
 __all__ = [
     "EventSourceResponse",
@@ -39,9 +42,6 @@ __all__ = [
 logger = logging.getLogger("nanoserve.http")
 
 
-AUTH_EXEMPT_PATHS = frozenset({"/health", "/metrics"})
-
-
 class HTTPServer:
     """Serves `router` on config.host:config.port; one HTTPProtocol per connection."""
 
@@ -49,26 +49,26 @@ class HTTPServer:
         self.router = router
         self.config = config
         self.port = config.port
-        self.api_key = config.api_key.encode() if config.api_key is not None else None
-        self.auth_exempt_paths = AUTH_EXEMPT_PATHS
-        self.connections: set[HTTPProtocol] = set()
-        self.tasks: set[asyncio.Task] = set()  # running handler/stream tasks
+        # Raises HTTPError 401 unless the Authorization header carries the key; None: no key.
+        self.check_auth = auth_check(config.api_key)
+        self.state = state = ServerState(router, config, self.check_auth)
+        self.connections: set[HTTPProtocol] = state.connections
+        self.tasks: set[asyncio.Task] = state.tasks  # running handler/stream tasks
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._is_draining = False
         self._stop_waiting: asyncio.Event | None = None
 
     @property
     def is_draining(self) -> bool:
         """True once shutdown began: new requests get 503, in-flight ones may finish."""
-        return self._is_draining
+        return self.state.is_draining
 
     async def start(self) -> None:
         """Bind and start accepting; self.port is the real port afterwards (port=0 allowed)."""
         self.loop = asyncio.get_running_loop()
         self._stop_waiting = asyncio.Event()
         self._server = await self.loop.create_server(
-            lambda: HTTPProtocol(self),
+            lambda: HTTPProtocol(self.state),
             self.config.host,
             self.config.port,
             reuse_address=True,
@@ -77,29 +77,13 @@ class HTTPServer:
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("listening on http://%s:%d", self.config.host, self.port)
 
-    def check_auth(self, authorization: str | None) -> None:
-        """Raise HTTPError 401 unless `authorization` is "Bearer <api_key>" (constant time)."""
-        assert self.api_key is not None
-        token = b""
-        if authorization:
-            scheme, _, rest = authorization.encode("latin-1").partition(b" ")
-            if scheme.lower() == b"bearer":
-                token = rest.strip()
-        if not hmac.compare_digest(token, self.api_key):
-            raise HTTPError(
-                401,
-                "Invalid or missing API key (send 'Authorization: Bearer <key>')",
-                code="invalid_api_key",
-                headers=[("www-authenticate", "Bearer")],
-            )
-
     async def shutdown(self) -> None:
         """Stop accepting; new requests get 503; in-flight requests get shutdown_timeout_s
         seconds to finish, then are cancelled; finally every connection is closed."""
         if self._server is None:
             return
         server, self._server = self._server, None
-        self._is_draining = True
+        self.state.is_draining = True
         server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown_timeout_s

@@ -1,6 +1,6 @@
-"""Serialising complete responses (sans-I/O).
+"""Request heads to text, responses to bytes (sans-I/O).
 
-Requests are parsed by h11; responses are written here instead of through h11's writer,
+Requests are parsed by h11 and their heads decoded here; responses are written here instead of through h11's writer,
 which costs more than the rest of a small request. After each response the connection
 gets a fresh h11.Connection (fed any pipelined bytes), so h11 never has to know about a
 response it did not send. Framing follows h11's rules: Content-Length for complete
@@ -10,6 +10,8 @@ bodies, chunked for streams to HTTP/1.1 peers, close-delimited for HTTP/1.0 peer
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from urllib.parse import parse_qsl
 
 import h11
 
@@ -26,6 +28,32 @@ _BAD_VALUE_RE = re.compile(rb"[\x00\r\n]")
 
 def new_parser(max_head_bytes: int) -> h11.Connection:
     return h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+
+
+def decode_head(
+    target: bytes, raw_headers: Iterable[tuple[bytes, bytes]]
+) -> tuple[str, dict[str, str], dict[str, str], int]:
+    """(path, query, headers, num_header_bytes) of a request head, as latin-1 text.
+
+    The path stays percent-encoded (routing matches it raw); repeated headers are joined
+    with ", "; names are already lower case (h11).
+    """
+    raw_path, _, query_string = target.partition(b"?")
+    headers: dict[str, str] = {}
+    num_header_bytes = 0
+    for name, value in raw_headers:
+        num_header_bytes += len(name) + len(value) + 4
+        key = name.decode("latin-1")
+        if key in headers:
+            headers[key] += ", " + value.decode("latin-1")
+        else:
+            headers[key] = value.decode("latin-1")
+    query = (
+        dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+        if query_string
+        else {}
+    )
+    return raw_path.decode("latin-1"), query, headers, num_header_bytes
 
 
 def wants_keep_alive(http_version: bytes, connection_header: str | None) -> bool:

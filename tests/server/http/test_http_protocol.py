@@ -93,8 +93,7 @@ async def settle(rounds: int = 5) -> None:
 
 def open_connection(router: Router, config: ServerConfig | None = None, **transport_kwargs):
     server = HTTPServer(router, config or fast_config())
-    server.loop = asyncio.get_running_loop()
-    proto = HTTPProtocol(server)
+    proto = HTTPProtocol(server.state)
     transport = FakeTransport(proto, **transport_kwargs)
     proto.connection_made(transport)
     return server, proto, transport
@@ -395,7 +394,7 @@ def test_response_after_disconnect_is_dropped():
 def test_draining_server_answers_503_and_closes():
     async def main():
         server, proto, t = open_connection(simple_router())
-        server._is_draining = True
+        server.state.is_draining = True
         proto.data_received(request_bytes("GET", "/m"))
         reply = BytesReader(t.take()).read_response()
         assert reply.status == 503 and reply.json()["error"]["type"] == "service_unavailable"
@@ -416,7 +415,7 @@ def test_in_flight_response_during_drain_says_close():
         server, proto, t = open_connection(simple_router(wait=wait))
         proto.data_received(request_bytes("GET", "/wait"))
         await settle()
-        server._is_draining = True
+        server.state.is_draining = True
         release.set()
         await settle()
         assert BytesReader(t.take()).read_response().headers["connection"] == "close"

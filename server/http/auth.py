@@ -1,0 +1,40 @@
+"""The API-key check: "Authorization: Bearer <key>", compared in constant time.
+
+The connection runs it on every request head whose path is not in AUTH_EXEMPT_PATHS
+(health checks and metrics scrapers carry no key), before the body is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from collections.abc import Callable
+
+from server.http.errors import HTTPError
+
+AUTH_EXEMPT_PATHS = frozenset({"/health", "/metrics"})
+
+AuthCheck = Callable[[str | None], None]
+
+
+def check_auth(authorization: str | None, api_key: bytes) -> None:
+    """Raise HTTPError 401 unless `authorization` is "Bearer <api_key>" (constant time)."""
+    token = b""
+    if authorization:
+        scheme, _, rest = authorization.encode("latin-1").partition(b" ")
+        if scheme.lower() == b"bearer":
+            token = rest.strip()
+    if not hmac.compare_digest(token, api_key):
+        raise HTTPError(
+            401,
+            "Invalid or missing API key (send 'Authorization: Bearer <key>')",
+            code="invalid_api_key",
+            headers=[("www-authenticate", "Bearer")],
+        )
+
+
+def auth_check(api_key: str | None) -> AuthCheck | None:
+    """check_auth bound to `api_key`; None when the server has no key (every request passes)."""
+    if api_key is None:
+        return None
+    return functools.partial(check_auth, api_key=api_key.encode())
