@@ -10,7 +10,8 @@ class TemplateError(Exception):
 
 
 class RequestRejected(ValueError):
-    """The engine refuses a request before admission (it can never fit, bad parameter)."""
+    """A request is refused before admission (it can never fit, a bad parameter); `param` names
+    the request field. Raised by the checks in model.sampling_params and by the engine."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)

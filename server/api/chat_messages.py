@@ -1,6 +1,6 @@
 """Chat messages, tools and template options -> the shapes chat templates expect, validated.
 
-Used by the chat and tokenize requests in server/protocol.py; bad fields are 400s naming them.
+Used by the chat and tokenize requests in server/api/protocol.py; bad fields are 400s naming them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Typed reads of one untrusted JSON object, and the 400 a bad field becomes.
 
 `Fields` checks type and range per read; errors name the field (`prefix + name`) as `param`.
-Shared by the request parsers in server/protocol.py and server/chat_messages.py.
+Shared by the request parsers in server/api/protocol.py and server/api/chat_messages.py.
+`rejected` is the same 400 for a check that model.sampling_params owns (RequestRejected).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from model.errors import RequestRejected
+from model.sampling_params import is_int, is_number
 from server.http.errors import HTTPError
 
 
@@ -16,18 +19,14 @@ def bad_request(param: str | None, message: str) -> HTTPError:
     return HTTPError(400, message, param=param)
 
 
+def rejected(exc: RequestRejected) -> HTTPError:
+    return bad_request(exc.param, str(exc))
+
+
 def _type_name(value: object) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
     names.update({list: "an array", dict: "an object", type(None): "null"})
     return names.get(type(value), type(value).__name__)
-
-
-def is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Fields:

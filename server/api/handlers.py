@@ -2,34 +2,33 @@
 
 `build_router(state)` returns a Router with /v1/chat/completions, /v1/completions, /v1/models,
 /v1/models/{id}, /health, /metrics, /tokenize and /detokenize. The engine is reached only through
-the AsyncEngine interface (generate / abort / stats / tokenizer / max_model_len); one
-request's engine streams are driven by server/generation.py.
+the EngineClient protocol (server/api/engine_client.py). Requests are parsed by
+server/api/protocol.py, turned into prompt ids and SamplingParams by server/api/prompts.py, and
+one request's engine streams are driven by server/api/generation.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.errors import EngineError, RequestRejected, TemplateError
-from server.api.generation import Generation, GenerationEvents
+from model.errors import RequestRejected
+from model.sampling_params import SamplingParams, check_token_ids
+from server.api.engine_client import EngineClient
+from server.api.fields import rejected
+from server.api.generation import Generation, GenerationEvents, collect
 from server.api.metrics import ServerMetrics
 from server.api.outputs import ChatOutput, CompletionOutput, Output
+from server.api.prompts import chat_prompt, completion_prompts, render_chat, resolve_params
 from server.api.protocol import (
-    SamplingFields,
-    bad_request,
-    check_token_ids,
     parse_chat_request,
     parse_completion_request,
     parse_detokenize_request,
     parse_tokenize_request,
-    to_sampling_params,
 )
 from server.http.errors import HTTPError
 from server.http.messages import JSONResponse, Request, Response
@@ -45,7 +44,7 @@ class APIState:
     """What the handlers share; the CLI sets `engine` once the model is loaded."""
 
     served_model_names: list[str]
-    engine: Any = None  # model.async_engine.AsyncEngine; None while loading
+    engine: EngineClient | None = None  # model.engine.async_engine.AsyncEngine; None: loading
     max_n: int = 16
     server: Any = None  # the HTTPServer, whose is_draining turns /health and new requests to 503
     draining: bool = False  # set on shutdown when no server object is at hand
@@ -71,7 +70,7 @@ class OpenAIAPI:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _engine(self, request: Request) -> Any:
+    def _engine(self, request: Request) -> EngineClient:
         if self.state.is_draining(request):
             raise HTTPError(503, "The server is shutting down.")
         if self.state.engine is None:
@@ -91,65 +90,14 @@ class OpenAIAPI:
             )
         return requested
 
-    @staticmethod
-    def _vocab_size(engine: Any) -> int:
-        config = getattr(engine, "model_config", None)
-        return getattr(config, "vocab_size", None) or engine.tokenizer.vocab_size
-
-    def _max_tokens(self, engine: Any, num_prompt: int, s: SamplingFields, noun: str) -> int:
-        """The completion budget; 400 with the context message when it does not fit."""
-        limit = engine.max_model_len
-        param = "messages" if noun == "messages" else "prompt"
-        if s.max_tokens is None:
-            if num_prompt >= limit:
-                raise bad_request(
-                    param,
-                    f"This model's maximum context length is {limit} tokens. However, your "
-                    f"request has {num_prompt} input tokens. Please reduce the length of the "
-                    f"{noun}.",
-                )
-            max_tokens = limit - num_prompt
-        else:
-            max_tokens = s.max_tokens
-            if num_prompt + max_tokens > limit:
-                raise bad_request(
-                    param,
-                    f"This model's maximum context length is {limit} tokens. However, you "
-                    f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the {noun}, "
-                    f"{max_tokens} in the completion). Please reduce the length of the {noun} "
-                    "or completion.",
-                )
-        if s.min_tokens > max_tokens:
-            raise bad_request("min_tokens", f"min_tokens must be <= {max_tokens} for this prompt.")
-        return max_tokens
-
-    def _check_sampling_ids(self, engine: Any, s: SamplingFields) -> None:
-        vocab = self._vocab_size(engine)
-        check_token_ids(s.stop_token_ids, vocab, "stop_token_ids")
-        check_token_ids(list(s.logit_bias or ()), vocab, "logit_bias")
-
-    def _render_chat(
-        self, engine: Any, messages, tools, add_generation_prompt, cont, kwargs
-    ) -> str:
-        try:
-            return engine.tokenizer.apply_chat_template(
-                messages,
-                tools=tools,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=cont,
-                **kwargs,
-            )
-        except TemplateError as exc:
-            raise bad_request("messages", f"The chat template failed: {exc}") from None
-
     async def _run(
         self,
         request: Request,
-        engine: Any,
+        engine: EngineClient,
         output: Output,
         request_id: str,
         prompts: list[list[int]],
-        params: list[Any],
+        params: list[SamplingParams],
         stream: bool,
     ) -> Response | EventSourceResponse:
         ids = (
@@ -157,69 +105,20 @@ class OpenAIAPI:
             if len(prompts) == 1
             else [f"{request_id}-{i}" for i in range(len(prompts))]
         )
-        gen = Generation(engine, request, ids, self.state.retry_after_s)
+        gen = Generation(engine, request, ids, output, self.state.retry_after_s)
         await gen.start(prompts, params)
         if stream:
-            return EventSourceResponse(GenerationEvents(self._stream(gen, output), gen, output))
-        collect = asyncio.ensure_future(self._collect(gen, output))
+            return EventSourceResponse(GenerationEvents(gen))
+        collecting = asyncio.ensure_future(collect(gen))
         try:
-            await asyncio.wait({collect, gen.disconnected}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({collecting, gen.disconnected}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not collect.done():  # the client left (or shutdown cancelled us): stop waiting
-                collect.cancel()
-                await asyncio.gather(collect, return_exceptions=True)
-        if collect.cancelled():
+            if not collecting.done():  # the client left (or shutdown cancelled us): stop waiting
+                collecting.cancel()
+                await asyncio.gather(collecting, return_exceptions=True)
+        if collecting.cancelled():
             raise HTTPError(499, "Client disconnected.")
-        return JSONResponse(collect.result())
-
-    async def _collect(self, gen: Generation, output: Output) -> dict:
-        try:
-            async with contextlib.aclosing(gen.deltas()) as deltas:
-                async for prompt_index, delta in deltas:
-                    output.on_delta(prompt_index, delta)
-        except EngineError as exc:
-            output.on_error()
-            raise HTTPError(500, f"Generation failed: {exc}") from None
-        except RequestRejected as exc:
-            output.on_error()
-            raise HTTPError(400, str(exc), param=exc.param) from None
-        except Exception:
-            output.on_error()
-            raise
-        finally:
-            await gen.close()
-            output.on_closed()
-        if output.was_aborted:
-            if gen.disconnected.done():
-                raise HTTPError(499, "Client disconnected.")
-            raise HTTPError(503, "The request was aborted by the server.")
-        return output.response()
-
-    async def _stream(self, gen: Generation, output: Output) -> AsyncIterator[Any]:
-        try:
-            try:
-                for chunk in output.first_chunks():
-                    yield chunk
-                async with contextlib.aclosing(gen.deltas()) as deltas:
-                    async for prompt_index, delta in deltas:
-                        for chunk in output.on_delta(prompt_index, delta):
-                            yield chunk
-                usage = output.usage_chunk()
-                if usage is not None:
-                    yield usage
-            except Exception as exc:  # after the headers: report in-stream, then end cleanly
-                output.on_error()
-                if isinstance(exc, RequestRejected):
-                    exc = HTTPError(400, str(exc), param=exc.param)
-                elif not isinstance(exc, HTTPError):
-                    is_engine = isinstance(exc, EngineError)
-                    logger.error("stream failed: %s", exc, exc_info=None if is_engine else exc)
-                    exc = HTTPError(500, f"Generation failed: {exc}")
-                yield exc.body()
-            yield "[DONE]"
-        finally:
-            await gen.close()
-            output.on_closed()
+        return JSONResponse(collecting.result())
 
     # ---- generation endpoints --------------------------------------------------------------
 
@@ -228,25 +127,14 @@ class OpenAIAPI:
         engine = self._engine(request)
         req = parse_chat_request(request.json(), self.state.max_n)
         model = self._model(req.model)
-        tools = req.tools if req.tool_choice != "none" else None
-        text = self._render_chat(
-            engine,
-            req.messages,
-            tools,
-            req.add_generation_prompt,
-            req.continue_final_message,
-            req.chat_template_kwargs,
-        )
-        prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
-        max_tokens = self._max_tokens(engine, len(prompt_ids), req.sampling, "messages")
-        self._check_sampling_ids(engine, req.sampling)
-        params = to_sampling_params(req.sampling, max_tokens)
+        prompt_ids = chat_prompt(engine.tokenizer, req)
+        params = resolve_params(engine, [prompt_ids], req.sampling, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         output = ChatOutput(
             req, engine.tokenizer, self._meta(request_id, model), [len(prompt_ids)], tracker
         )
         return await self._run(
-            request, engine, output, request_id, [prompt_ids], [params], req.stream
+            request, engine, output, request_id, [prompt_ids], params, req.stream
         )
 
     async def completions(self, request: Request) -> Response | EventSourceResponse:
@@ -254,33 +142,12 @@ class OpenAIAPI:
         engine = self._engine(request)
         req = parse_completion_request(request.json(), self.state.max_n)
         model = self._model(req.model)
-        tokenizer = engine.tokenizer
-        vocab = self._vocab_size(engine)
-        prompts: list[list[int]] = []
-        echo_texts: list[str] = []
-        for i, prompt in enumerate(req.prompts):
-            param = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
-            if isinstance(prompt, str):
-                ids = tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
-                if not ids:
-                    raise bad_request(param, "The prompt is empty.")
-            else:
-                check_token_ids(prompt, vocab, param)
-                ids = prompt
-            if req.echo:
-                echo_texts.append(
-                    prompt
-                    if isinstance(prompt, str)
-                    else tokenizer.decode(ids, skip_special_tokens=False)
-                )
-            prompts.append(ids)
-        budgets = [self._max_tokens(engine, len(ids), req.sampling, "prompt") for ids in prompts]
-        self._check_sampling_ids(engine, req.sampling)
-        params = [to_sampling_params(req.sampling, budget) for budget in budgets]
+        prompts, echo_texts = completion_prompts(engine, req)
+        params = resolve_params(engine, prompts, req.sampling, "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         output = CompletionOutput(
             req,
-            tokenizer,
+            engine.tokenizer,
             self._meta(request_id, model),
             [len(ids) for ids in prompts],
             tracker,
@@ -330,8 +197,8 @@ class OpenAIAPI:
         self._model(req.model)
         tokenizer = engine.tokenizer
         if req.messages is not None:
-            text = self._render_chat(
-                engine,
+            text = render_chat(
+                tokenizer,
                 req.messages,
                 req.tools,
                 req.add_generation_prompt,
@@ -355,7 +222,10 @@ class OpenAIAPI:
         engine = self._engine(request)
         req = parse_detokenize_request(request.json())
         self._model(req.model)
-        check_token_ids(req.tokens, self._vocab_size(engine), "tokens")
+        try:
+            check_token_ids(req.tokens, engine.model_config.vocab_size, "tokens")
+        except RequestRejected as exc:
+            raise rejected(exc) from None
         return JSONResponse(
             {"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
         )

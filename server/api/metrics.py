@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from server.api.engine_client import EngineStats
 from server.prometheus import Counter, Gauge, Histogram, Registry
 
 # Seconds. Wide enough for CPU decoding (slow) and GPU decoding (fast) alike.
@@ -88,8 +89,8 @@ class ServerMetrics:
             )
         )
 
-    def update_from_engine(self, stats: object) -> None:
-        """Copies an `EngineStats` (duck-typed) into the gauges and token counters."""
+    def update_from_engine(self, stats: EngineStats) -> None:
+        """Copies the engine's stats into the gauges and token counters."""
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage_ratio.set(stats.kv_cache_usage)
@@ -97,7 +98,7 @@ class ServerMetrics:
         self.prompt_tokens_total.set_total(stats.prompt_tokens_total)
         self.generation_tokens_total.set_total(stats.generation_tokens_total)
 
-    def render(self, engine_stats: object | None = None) -> str:
+    def render(self, engine_stats: EngineStats | None = None) -> str:
         if engine_stats is not None:
             self.update_from_engine(engine_stats)
         return self.registry.render()

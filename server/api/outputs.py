@@ -2,6 +2,7 @@
 
 One `Output` object per request accumulates every choice; the non-streaming body is built
 from the same state the stream chunks came from, so both carry the same text and tool calls.
+Logprob shapes are in server/api/logprobs.py, tool-call parsing in server/api/tool_calls.py.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.api.engine_client import GenerationDelta, Tokenizer
+from server.api.logprobs import chat_logprobs, completion_logprobs
 from server.api.metrics import RequestTracker
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.tool_calls import ToolCall, ToolCallParser
-
-LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -23,48 +24,6 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
-
-
-def _floor(logprob: float) -> float:
-    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
-
-
-def chat_logprobs(tokenizer: Any, logprobs: list[Any]) -> list[dict[str, Any]]:
-    """TokenLogprobs -> entries of OpenAI's `choices[].logprobs.content`."""
-
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        return {
-            "token": tokenizer.token_text(token_id),
-            "logprob": _floor(logprob),
-            "bytes": list(tokenizer.token_bytes(token_id)),
-        }
-
-    return [
-        {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-        for lp in logprobs
-    ]
-
-
-def completion_logprobs(
-    tokenizer: Any, logprobs: list[Any], text_offset: int
-) -> tuple[dict[str, Any], int]:
-    """TokenLogprobs -> the legacy completions shape; returns it and the next text offset."""
-    out: dict[str, Any] = {
-        "tokens": [],
-        "token_logprobs": [],
-        "top_logprobs": [],
-        "text_offset": [],
-    }
-    for lp in logprobs:
-        token = tokenizer.token_text(lp.token_id)
-        out["tokens"].append(token)
-        out["token_logprobs"].append(_floor(lp.logprob))
-        top = {tokenizer.token_text(t): _floor(v) for t, v in lp.top}
-        top.setdefault(token, _floor(lp.logprob))  # the chosen token is always listed
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(text_offset)
-        text_offset += len(token)
-    return out, text_offset
 
 
 @dataclass
@@ -109,7 +68,7 @@ class Output:
             body["usage"] = None
         return body
 
-    def _track(self, prompt_index: int, delta: Any) -> _Choice:
+    def _track(self, prompt_index: int, delta: GenerationDelta) -> _Choice:
         choice = self.choices[prompt_index * self.n + delta.choice_index]
         assert choice.finish_reason is None, "a delta after the choice finished"
         self.cached[prompt_index] = max(self.cached[prompt_index], delta.num_cached_tokens)
@@ -154,7 +113,7 @@ class Output:
     def first_chunks(self) -> list[dict[str, Any]]:
         return []
 
-    def on_delta(self, prompt_index: int, delta: Any) -> list[dict[str, Any]]:
+    def on_delta(self, prompt_index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def response(self) -> dict[str, Any]:
@@ -167,7 +126,7 @@ class ChatOutput(Output):
     def __init__(
         self,
         req: ChatCompletionRequest,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         meta: dict[str, Any],
         prompt_lens: list[int],
         tracker: RequestTracker,
@@ -189,7 +148,7 @@ class ChatOutput(Output):
         role = {"role": "assistant", "content": ""}
         return [self._chunk_choice(c.index, role) for c in self.choices]
 
-    def on_delta(self, prompt_index: int, delta: Any) -> list[dict[str, Any]]:
+    def on_delta(self, prompt_index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
         choice = self._track(prompt_index, delta)
         text, calls = delta.text, []
         if choice.parser is not None:
@@ -250,7 +209,7 @@ class CompletionOutput(Output):
     def __init__(
         self,
         req: CompletionRequest,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         meta: dict[str, Any],
         prompt_lens: list[int],
         tracker: RequestTracker,
@@ -279,7 +238,7 @@ class CompletionOutput(Output):
             if self.echo_texts
         ]
 
-    def on_delta(self, prompt_index: int, delta: Any) -> list[dict[str, Any]]:
+    def on_delta(self, prompt_index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
         choice = self._track(prompt_index, delta)
         choice.parts.append(delta.text)
         logprobs = None

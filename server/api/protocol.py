@@ -1,9 +1,11 @@
-"""OpenAI request bodies -> plain dataclasses, validated (response shapes: server/outputs.py).
+"""OpenAI request bodies -> validated dataclasses (response shapes: server/api/outputs.py).
 
 Every bad field raises `HTTPError(400, ..., param=<field>)`; `null` counts as absent and
-unknown fields are ignored (clients send extras). Chat messages and tools are checked in
-server/chat_messages.py, typed field reads live in server/fields.py. Nothing here imports torch:
-`to_sampling_params` imports model.sampling_params only when it is called.
+unknown fields are ignored (clients send extras). The sampling fields of both endpoints parse
+straight into the engine's `SamplingParams` (model.sampling_params: no torch), whose
+max_tokens stays None until server/api/prompts.py resolves it against the prompt. Chat
+messages and tools are checked in server/api/chat_messages.py, typed field reads live in
+server/api/fields.py.
 """
 
 from __future__ import annotations
@@ -11,74 +13,62 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.errors import RequestRejected
+from model.sampling_params import (
+    MAX_LOGPROBS,
+    SamplingParams,
+    check_min_tokens,
+    is_int,
+    is_number,
+)
 from server.api.chat_messages import (
     parse_messages,
     parse_template_kwargs,
     parse_tool_choice,
     parse_tools,
 )
-from server.api.fields import Fields, bad_request, is_int, is_number
+from server.api.fields import Fields, bad_request, rejected
 
-MAX_LOGPROBS = 20
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 # ---- sampling fields shared by both endpoints ------------------------------------------------
 
 
-@dataclass
-class SamplingFields:
-    """Sampling parameters as parsed from a request; mirrors model.sampling_params.SamplingParams."""
-
-    n: int = 1
-    max_tokens: int | None = None  # None: the rest of the context
-    max_tokens_param: str = "max_tokens"  # which field set it, for error messages
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] | None = None
-    seed: int | None = None
-    logprobs: int | None = None  # None: no logprobs; k: chosen token plus k alternatives
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    skip_special_tokens: bool = True
-
-
 def parse_sampling(
     f: Fields, max_n: int, logprobs: int | None, max_tokens_name: str
-) -> SamplingFields:
-    s = SamplingFields(logprobs=logprobs, max_tokens_param=max_tokens_name)
-    s.n = f.int("n", 1, 1, max_n)
-    s.max_tokens = f.int(max_tokens_name, None, 1)
-    s.temperature = f.number("temperature", 1.0, 0.0, 2.0)
-    s.top_p = f.number("top_p", 1.0, 0.0, 1.0, lo_open=True)
-    s.top_k = f.int("top_k", 0, -1)
-    s.min_p = f.number("min_p", 0.0, 0.0, 1.0)
-    s.frequency_penalty = f.number("frequency_penalty", 0.0, -2.0, 2.0)
-    s.presence_penalty = f.number("presence_penalty", 0.0, -2.0, 2.0)
-    s.repetition_penalty = f.number("repetition_penalty", 1.0, 0.0, None, lo_open=True)
-    s.seed = f.int("seed", None, _INT64_MIN, _INT64_MAX)
-    s.ignore_eos = f.bool("ignore_eos", False)
-    s.min_tokens = f.int("min_tokens", 0, 0)
-    if s.max_tokens is not None and s.min_tokens > s.max_tokens:
-        raise bad_request(
-            "min_tokens",
-            f"min_tokens ({s.min_tokens}) must be <= {max_tokens_name} ({s.max_tokens}).",
-        )
-    s.include_stop_str_in_output = f.bool("include_stop_str_in_output", False)
-    s.skip_special_tokens = f.bool("skip_special_tokens", True)
-    s.stop = _parse_stop(f.get("stop"))
-    s.stop_token_ids = _parse_token_ids(f.get("stop_token_ids"), "stop_token_ids", allow_empty=True)
-    s.logit_bias = _parse_logit_bias(f.get("logit_bias"))
+) -> SamplingParams:
+    """The sampling fields, read in this order (the first bad one is the 400)."""
+    values: dict[str, Any] = {
+        "n": f.int("n", 1, 1, max_n),
+        "max_tokens": f.int(max_tokens_name, None, 1),
+        "temperature": f.number("temperature", 1.0, 0.0, 2.0),
+        "top_p": f.number("top_p", 1.0, 0.0, 1.0, lo_open=True),
+        "top_k": f.int("top_k", 0, -1),
+        "min_p": f.number("min_p", 0.0, 0.0, 1.0),
+        "frequency_penalty": f.number("frequency_penalty", 0.0, -2.0, 2.0),
+        "presence_penalty": f.number("presence_penalty", 0.0, -2.0, 2.0),
+        "repetition_penalty": f.number("repetition_penalty", 1.0, 0.0, None, lo_open=True),
+        "seed": f.int("seed", None, _INT64_MIN, _INT64_MAX),
+        "ignore_eos": f.bool("ignore_eos", False),
+        "min_tokens": f.int("min_tokens", 0, 0),
+    }
+    try:
+        check_min_tokens(values["min_tokens"], values["max_tokens"], max_tokens_name)
+    except RequestRejected as exc:
+        raise rejected(exc) from None
+    values["include_stop_str_in_output"] = f.bool("include_stop_str_in_output", False)
+    values["skip_special_tokens"] = f.bool("skip_special_tokens", True)
+    values["stop"] = _parse_stop(f.get("stop"))
+    values["stop_token_ids"] = _parse_token_ids(
+        f.get("stop_token_ids"), "stop_token_ids", allow_empty=True
+    )
+    values["logit_bias"] = _parse_logit_bias(f.get("logit_bias"))
     f.str("user")  # accepted, unused
-    return s
+    try:
+        return SamplingParams(logprobs=logprobs, **values)
+    except RequestRejected as exc:  # the reads above are stricter; a gap is still a 400
+        raise rejected(exc) from None
 
 
 def _parse_stop(value: object) -> list[str]:
@@ -115,7 +105,7 @@ def _parse_logit_bias(value: object) -> dict[int, float] | None:
         if not is_number(b) or not -100 <= b <= 100:
             raise bad_request("logit_bias", f"logit_bias[{key}] must be a number in [-100, 100].")
         bias[token_id] = float(b)
-    return bias
+    return bias or None
 
 
 def _parse_stream(f: Fields) -> tuple[bool, bool]:
@@ -152,7 +142,8 @@ def _parse_response_format(value: object) -> None:
 class ChatCompletionRequest:
     model: str | None
     messages: list[dict[str, Any]]  # validated, in the chat template's shape
-    sampling: SamplingFields
+    sampling: SamplingParams  # max_tokens None: the rest of the context
+    max_tokens_param: str = "max_tokens"  # the field that set max_tokens, for error messages
     stream: bool = False
     include_usage: bool = False
     tools: list[dict[str, Any]] | None = None  # passed to the template unless tool_choice is none
@@ -174,7 +165,8 @@ class ChatCompletionRequest:
 class CompletionRequest:
     model: str | None
     prompts: list[str | list[int]]  # each: text, or token ids
-    sampling: SamplingFields
+    sampling: SamplingParams  # max_tokens None: the rest of the context
+    max_tokens_param: str = "max_tokens"  # the field that set max_tokens, for error messages
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
@@ -245,6 +237,7 @@ def parse_chat_request(body: object, max_n: int) -> ChatCompletionRequest:
         model=f.str("model"),
         messages=messages,
         sampling=sampling,
+        max_tokens_param=max_tokens_name,
         stream=stream,
         include_usage=include_usage,
         tools=tools,
@@ -322,38 +315,3 @@ def parse_detokenize_request(body: object) -> DetokenizeRequest:
     f = _object(body)
     tokens = _parse_token_ids(f.get("tokens"), "tokens", allow_empty=True)
     return DetokenizeRequest(model=f.str("model"), tokens=tokens)
-
-
-def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
-    bad = next((t for t in ids if t >= vocab_size), None)
-    if bad is not None:
-        raise bad_request(param, f"Token id {bad} in '{param}' is out of range [0, {vocab_size}).")
-
-
-def to_sampling_params(s: SamplingFields, max_tokens: int | None = None):
-    """The engine's SamplingParams (imported here so this module never loads torch)."""
-    from model.sampling_params import SamplingParams
-
-    try:
-        return SamplingParams(
-            n=s.n,
-            max_tokens=max_tokens if max_tokens is not None else s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            min_p=s.min_p,
-            frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty,
-            repetition_penalty=s.repetition_penalty,
-            logit_bias=dict(s.logit_bias) if s.logit_bias else None,
-            seed=s.seed,
-            logprobs=s.logprobs,
-            stop=list(s.stop),
-            stop_token_ids=list(s.stop_token_ids),
-            include_stop_str_in_output=s.include_stop_str_in_output,
-            ignore_eos=s.ignore_eos,
-            min_tokens=s.min_tokens,
-            skip_special_tokens=s.skip_special_tokens,
-        )
-    except ValueError as exc:
-        raise bad_request(None, str(exc)) from None

@@ -1,8 +1,11 @@
-"""A scripted stand-in for model.async_engine.AsyncEngine (same interface, no model, no torch).
+"""A scripted stand-in for model.engine.async_engine.AsyncEngine (no model, no torch).
 
-FakeTokenizer is byte-level: ids 0..255 are bytes, then a few special tokens. FakeEngine
-"generates" a fixed reply per choice, one or more tokens per delta, and records what it was
-asked (calls, aborts), so API handlers can be tested in milliseconds.
+FakeEngine implements server.api.engine_client.EngineClient like AsyncEngine does
+(tests/server/api/test_engine_client.py checks both), and refuses what AsyncEngine refuses with
+the same checks (model.sampling_params). FakeTokenizer is byte-level: ids 0..255 are bytes, then
+a few special tokens. FakeEngine "generates" a fixed reply per choice, one or more tokens per
+delta, and records what it was asked (calls, aborts), so API handlers can be tested in
+milliseconds.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from model.errors import TemplateError
+from model.errors import EngineError, TemplateError
+from model.sampling_params import SamplingParams, check_prompt_ids, resolve_max_tokens
 
 IM_END, IM_START, BOS = 256, 257, 258
 SPECIALS = {IM_END: "<|im_end|>", IM_START: "<|im_start|>", BOS: "<s>"}
@@ -129,7 +133,6 @@ class FakeEngine:
         self.tokenizer = FakeTokenizer()
         self.model_config = SimpleNamespace(vocab_size=VOCAB_SIZE)
         self.max_model_len = max_model_len
-        self.model_name = "fake"
         self.reply = reply
         self.tokens_per_delta = 1
         self.num_cached_tokens = 0
@@ -142,13 +145,21 @@ class FakeEngine:
         self.running: set[str] = set()
         self._wakers: dict[str, asyncio.Event] = {}
 
-    # ---- the AsyncEngine interface ---------------------------------------------------------
+    # ---- the EngineClient interface ---------------------------------------------------------
 
-    def generate(self, request_id: str, prompt_ids: list[int], params: Any) -> AsyncIterator:
+    def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[FakeDelta]:
         if self.raise_on_generate is not None:
             raise self.raise_on_generate
         assert params.max_tokens is not None, "the API layer resolves max_tokens"
         assert len(prompt_ids) + params.max_tokens <= self.max_model_len
+        # What AsyncEngine.generate checks (LLMEngine.resolve_params), raising RequestRejected.
+        check_prompt_ids(prompt_ids, VOCAB_SIZE)
+        resolve_max_tokens(
+            len(prompt_ids), params.max_tokens, params.min_tokens, self.max_model_len, "prompt"
+        )
+        params.check_token_ids(VOCAB_SIZE)
         self.calls.append((request_id, list(prompt_ids), params))
         self._wakers[request_id] = asyncio.Event()
         return self._run(request_id, list(prompt_ids), params)
@@ -237,8 +248,6 @@ class FakeEngine:
                             yield self._delta(run, prompt_ids, params, "", [], "abort")
                     return
                 if self.fail_after_deltas is not None and num_deltas >= self.fail_after_deltas:
-                    from model.errors import EngineError
-
                     raise EngineError("generation failed: the fake engine was told to fail")
                 for run in runs:
                     if run.done:

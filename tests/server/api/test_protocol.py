@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from server.api.protocol import (
@@ -10,7 +12,6 @@ from server.api.protocol import (
     parse_detokenize_request,
     parse_prompts,
     parse_tokenize_request,
-    to_sampling_params,
 )
 from server.http.errors import HTTPError
 
@@ -265,14 +266,14 @@ def test_chat_full_request():
         16,
     )
     s = req.sampling
-    assert s.max_tokens == 7 and s.max_tokens_param == "max_completion_tokens"
+    assert s.max_tokens == 7 and req.max_tokens_param == "max_completion_tokens"
     assert (s.temperature, s.top_p, s.top_k, s.min_p, s.n) == (0.0, 0.5, -1, 0.1, 3)
     assert s.stop == ["END"] and s.stop_token_ids == [7] and s.seed == -5
     assert s.logprobs == 20 and s.logit_bias == {12: -100.0, 3: 100.0}
     assert req.stream and req.include_usage and s.ignore_eos and s.min_tokens == 2
     assert req.tools == tools and req.tool_choice == "auto" and req.parses_tool_calls
     assert req.chat_template_kwargs == {"enable_thinking": False}
-    params = to_sampling_params(s, 9)
+    params = dataclasses.replace(s, max_tokens=9)
     assert params.max_tokens == 9 and params.n == 3 and params.logprobs == 20
     assert params.stop == ["END"] and params.logit_bias == {12: -100.0, 3: 100.0}
 
