@@ -75,15 +75,17 @@ def random_prompts(rng: random.Random, lengths: list[int], vocab: int) -> list[l
 
 def build_engine(args, model_dir: Path, max_model_len: int, max_num_seqs: int, kv_tokens: int):
     """LLMEngine for the run; the CPU KV pool holds `kv_tokens` unless --kv-cache-gib says."""
+    import torch
+
     from model.config import ModelConfig
-    from model.engine.config import DTYPES, EngineConfig
+    from model.engine.config import EngineConfig
     from model.engine.llm_engine import LLMEngine
 
     if args.kv_cache_gib is not None:
         kv_bytes = int(args.kv_cache_gib * GiB)
     else:
         mc = ModelConfig.from_dir(model_dir)
-        elem = DTYPES[args.dtype].itemsize
+        elem = getattr(torch, args.dtype).itemsize
         per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elem
         kv_bytes = (kv_tokens + 16 * max_num_seqs) * per_token
     return LLMEngine(

@@ -1,4 +1,9 @@
-"""Sequences -> flat batch tensors -> forward -> sampler. The only place that makes tensors."""
+"""Scheduled sequences -> flat batch tensors -> forward -> sampler.
+
+The only place that makes tensors from `Sequence` objects: `run` reads the scheduler's output
+as it is (each sequence, its chunk size, whether it samples) and the sampling row each
+sequence carries; attention metadata is built here and handed to the model as an argument.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from model.config import ModelConfig
-from model.engine.sequence import Sequence
+from model.engine.scheduler import ScheduledSeq
 from model.layers.attention.metadata import build_attention_metadata
 from model.models.loader import load_model
 from model.sample.metadata import SamplerOutput, SamplingMetadata, SamplingRow
@@ -31,15 +36,6 @@ class RunnerConfig:
         assert self.block_size > 0
 
 
-@dataclass
-class ScheduledItem:
-    """One sequence of a step: `num_new_tokens` tokens from its `num_computed_tokens` on."""
-
-    seq: Sequence
-    num_new_tokens: int
-    sampling_row: SamplingRow | None  # None: a prefill chunk that does not reach the end yet
-
-
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -56,7 +52,7 @@ class ModelRunner:
             dtype=config.dtype,
             attn_backend=config.attn_backend,
         )
-        # CPU: every linear layer from oneDNN-packed weights (model/cpu_linear.py) when it can.
+        # CPU: every linear layer from oneDNN-packed weights (model/layers/linear.py) when it can.
         self.packed_weights = False
         if self.device.type == "cpu" and config.cpu_packed_weights:
             self.packed_weights = self.model.pack_for_cpu()
@@ -145,8 +141,10 @@ class ModelRunner:
             self.num_blocks = 0
 
     @torch.inference_mode()
-    def run(self, items: list[ScheduledItem]) -> SamplerOutput | None:
-        """One forward over every scheduled token; samples for the items that carry a row."""
+    def run(self, scheduled: list[ScheduledSeq]) -> SamplerOutput | None:
+        """One forward over every scheduled token: each seq's `num_new_tokens` from its
+        `num_computed_tokens` on. Samples the seqs with `is_sampling` from their
+        `sampling_row`; the output's lists follow their order. None when none samples."""
         assert self.kv_cache is not None, "allocate_kv_cache first"
         input_ids: list[int] = []
         positions: list[int] = []
@@ -156,7 +154,7 @@ class ModelRunner:
         sample_indices: list[int] = []
         rows: list[SamplingRow] = []
         num_tokens = 0
-        for item in items:
+        for item in scheduled:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             end = start + n
@@ -170,9 +168,9 @@ class ModelRunner:
             query_lens.append(n)
             block_tables.append(seq.block_table)
             num_tokens += n
-            if item.sampling_row is not None:
+            if item.is_sampling:
                 sample_indices.append(num_tokens - 1)
-                rows.append(item.sampling_row)
+                rows.append(seq.sampling_row)
         device = self.device
         meta = build_attention_metadata(
             seq_lens, query_lens, block_tables, self.config.block_size, device

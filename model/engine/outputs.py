@@ -1,4 +1,4 @@
-"""The engine's plain data types: its config, the deltas it returns, and its stats.
+"""The engine's plain data types: the deltas it returns, and its stats (its config: config.py).
 
 Kept apart from LLMEngine so that callers (the async facade, the server, benchmarks) can name
 these without reading the step loop.
@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from model.sample.metadata import TokenLogprobs
-
 
 
 @dataclass

@@ -9,8 +9,9 @@ When blocks run out, the most recently admitted running sequence is preempted:
 its blocks are freed (their cached contents stay reusable) and it goes back to the
 front of the waiting queue, to recompute prompt + outputs when re-admitted.
 
-Per step the engine calls `schedule()`, runs the batch, then `update(...)` with
-the sampled tokens, then `finish(seq, reason)` for each sequence that stopped.
+Per step the engine calls `schedule()`, hands its output to the model runner, then
+`update(...)` with the sampled tokens (in batch order), then `finish(seq, reason)` for
+each sequence that stopped.
 """
 
 from __future__ import annotations
@@ -57,8 +58,15 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
+    """One step's batch: what the model runner computes, in this order."""
+
     scheduled: list[ScheduledSeq]
     preempted: list[Sequence]
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences that sample this step, in batch order (the sampler's rows)."""
+        return [s.seq for s in self.scheduled if s.is_sampling]
 
     @property
     def num_batched_tokens(self) -> int:
@@ -230,26 +238,29 @@ class Scheduler:
         return SchedulerOutput(list(scheduled.values()), preempted)
 
     def update(
-        self, scheduled: SchedulerOutput | list[ScheduledSeq], sampled: dict[int, int]
+        self, scheduled: SchedulerOutput | list[ScheduledSeq], sampled_token_ids: list[int]
     ) -> list[Sequence]:
         """Record a finished step: mark K/V computed, append sampled tokens.
 
-        `sampled` maps seq_id -> token id for every scheduled seq with is_sampling.
-        Returns the sequences that got a new token, in batch order. Sequences
-        finished or aborted since `schedule()` are skipped.
+        `sampled_token_ids` holds one token per scheduled seq with is_sampling, in batch
+        order (the sampler's output, row for row). Returns the sequences that got a new
+        token, in batch order. Sequences finished or aborted since `schedule()` are skipped.
         """
         if isinstance(scheduled, SchedulerOutput):
             scheduled = scheduled.scheduled
         bm = self.block_manager
         grown: list[Sequence] = []
+        num_sampled = 0
         for item in scheduled:
             seq = item.seq
+            if item.is_sampling:
+                token_id = sampled_token_ids[num_sampled]
+                num_sampled += 1
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             bm.mark_computed(seq, item.num_new_tokens)
             if item.is_sampling:
-                token_id = sampled.get(seq.seq_id)
-                assert token_id is not None, f"no sampled token for {seq!r}"
                 seq.append_token(token_id)
                 grown.append(seq)
+        assert num_sampled == len(sampled_token_ids), "one sampled token per sampling seq"
         return grown

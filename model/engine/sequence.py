@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import enum
 import itertools
 import time
@@ -17,12 +18,46 @@ class SequenceStatus(enum.Enum):
     FINISHED = enum.auto()
 
 
+class TokenView(collections.abc.Sequence[int]):
+    """A live read-only window `tokens[start:stop]` (stop None: to the end) of a token list.
+
+    The sampler reads a sequence's prompt and output through these, so each sampled token is
+    stored once, in `Sequence.token_ids`, and the window grows with it.
+    """
+
+    __slots__ = ("_tokens", "_start", "_stop")
+
+    def __init__(self, tokens: list[int], start: int, stop: int | None = None) -> None:
+        self._tokens = tokens
+        self._start = start
+        self._stop = stop
+
+    def __len__(self) -> int:
+        end = len(self._tokens) if self._stop is None else self._stop
+        return end - self._start
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._tokens[self._start : self._stop][index]
+        size = len(self)
+        if not -size <= index < size:
+            raise IndexError("TokenView index out of range")
+        return self._tokens[self._start + index % size]
+
+    def __iter__(self) -> collections.abc.Iterator[int]:
+        return itertools.islice(self._tokens, self._start, self._stop)
+
+    def __repr__(self) -> str:
+        return f"TokenView({list(self)})"
+
+
 class Sequence:
     """Token ids and KV bookkeeping of one choice of one request.
 
     The scheduler and the block manager own `status`, `num_computed_tokens`,
     `num_cached_tokens`, `block_table`, `block_hashes` and `num_hashed_blocks`;
-    the engine owns `sampling_params`, `finish_reason` and `stop_reason`.
+    the engine owns `sampling_params`, `sampling_row`, `finish_reason` and `stop_reason`.
+    `token_ids` is the one store of the prompt and the sampled tokens (the scheduler appends).
     """
 
     _next_id = itertools.count()
@@ -48,6 +83,9 @@ class Sequence:
         self.num_prompt_tokens: int = len(self.token_ids)
         self.max_tokens = max_tokens
         self.sampling_params = sampling_params
+        # The sampler's state for this sequence (model.sample.metadata.SamplingRow, reading
+        # token_ids through TokenViews); the model runner samples with it.
+        self.sampling_row: Any = None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.status = SequenceStatus.WAITING
         # Tokens whose K/V are in the cache; positions >= this are computed by later steps.
@@ -86,6 +124,13 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    def prompt_view(self) -> TokenView:
+        return TokenView(self.token_ids, 0, self.num_prompt_tokens)
+
+    def output_view(self) -> TokenView:
+        """The sampled tokens, live: it grows as tokens are appended."""
+        return TokenView(self.token_ids, self.num_prompt_tokens)
 
     @property
     def last_token_id(self) -> int:

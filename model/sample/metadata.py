@@ -24,7 +24,11 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 
 @dataclass
 class SamplingRow:
-    """One sequence that samples this step. The engine keeps the generator across steps."""
+    """The sampler's state of one sequence, kept for the sequence's life.
+
+    The token fields are read, never written: the engine passes live views of the sequence's
+    own token list (model.engine.sequence.TokenView), so a sampled token is stored once.
+    """
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]

@@ -17,9 +17,7 @@ import math
 import torch
 
 from model.sample.metadata import _SEED_MASK, SamplerOutput, SamplingMetadata, TokenLogprobs
-
-# Logprobs of masked tokens are -inf, which JSON cannot carry; they are reported as this floor.
-LOGPROB_FLOOR = -9999.0
+from model.sampling_params import LOGPROB_FLOOR
 
 
 def _apply_processors_(logits: torch.Tensor, meta: SamplingMetadata) -> None:

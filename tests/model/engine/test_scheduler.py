@@ -33,7 +33,7 @@ def make_seq(prompt_len=None, tokens=None, request_id=None, max_tokens=1000, sta
 def step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
     """Play the engine once: schedule, 'run', update, finish at max_tokens."""
     out = sched.schedule()
-    sampled = {s.seq.seq_id: token for s in out.scheduled if s.is_sampling}
+    sampled = [token for s in out.scheduled if s.is_sampling]
     for seq in sched.update(out, sampled):
         if seq.num_output_tokens >= seq.max_tokens:
             sched.finish(seq, "length")
@@ -110,10 +110,10 @@ def test_is_sampling_only_on_last_chunk():
     sched.add(seq)
     out = sched.schedule()
     assert [s.is_sampling for s in out.scheduled] == [False]
-    assert sched.update(out, {}) == []
+    assert sched.update(out, []) == []
     out = sched.schedule()
     assert [s.is_sampling for s in out.scheduled] == [True]
-    assert sched.update(out, {seq.seq_id: 5}) == [seq]
+    assert sched.update(out, [5]) == [seq]
     assert seq.output_token_ids == [5] and seq.num_computed_tokens == 12
 
 
@@ -237,7 +237,7 @@ def test_abort_between_schedule_and_update():
     sched.add(b)
     out = sched.schedule()
     sched.abort(a.request_id)
-    grown = sched.update(out, {a.seq_id: 1, b.seq_id: 2})
+    grown = sched.update(out, [1, 2])
     assert grown == [b] and a.num_output_tokens == 0
     sched.block_manager.check_invariants(sched.running.values())
 
@@ -317,7 +317,7 @@ def run_random(seed: int, caching: bool, weak_hash: bool = False) -> tuple[int, 
         assert all(not s.block_table for s in sched.waiting)
         check_kv_contents(sched, out, pool)
 
-        sampled = {s.seq.seq_id: rng.randrange(3) for s in out.scheduled if s.is_sampling}
+        sampled = [rng.randrange(3) for s in out.scheduled if s.is_sampling]
         for seq in sched.update(out, sampled):
             if seq.num_output_tokens >= seq.max_tokens:
                 sched.finish(seq, "length")
