@@ -139,3 +139,28 @@ def encode_with_spans(
     if segment_start < len(text):
         ids.extend(encode_as_text(text[segment_start:]))
     return ids
+
+
+def encode_chat_prompt(
+    render: Callable[[list[dict], list[dict] | None], str],
+    messages: list[dict],
+    tools: list[dict] | None,
+    special: SpecialTokenText,
+    encode: Callable[[str], list[int]],
+    encode_as_text: Callable[[str], list[int]],
+) -> ChatPrompt:
+    """Render (messages, tools) and encode the prompt so client text stays text.
+
+    `encode` is the tokenizer's ordinary encoding (special-token text becomes control tokens),
+    `encode_as_text` the one that reads special-token text as text.
+    """
+    if tools is not None and special.occurs_in(tools):
+        tools = map_client_strings(tools, special.break_up)
+    text = render(messages, tools)
+    if not special.occurs_in(messages):
+        return ChatPrompt(text, encode(text))
+    spans = marked_render(lambda chat: render(chat, tools), messages, text)
+    if spans is None:  # the template transforms content: break the token texts up instead
+        text = render(map_client_strings(messages, special.break_up), tools)
+        return ChatPrompt(text, encode(text))
+    return ChatPrompt(text, encode_with_spans(text, spans, special, encode_as_text))

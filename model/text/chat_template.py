@@ -137,7 +137,7 @@ def render_chat_template(
     documents: list[dict] | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
-    **variables: Any,
+    variables: dict[str, Any] | None = None,
 ) -> str:
     """Render ``source`` like ``transformers``' ``apply_chat_template(..., tokenize=False)``.
 
@@ -158,13 +158,15 @@ def render_chat_template(
         final_text = _tag_final_message(chat[-1])
         add_generation_prompt = False
     try:
-        rendered = template.render(
-            **_plain(variables),
-            messages=chat,
-            tools=_plain(tools),
-            documents=_plain(documents),
-            add_generation_prompt=add_generation_prompt,
-        )
+        # The chat's own arguments win over a variable of the same name.
+        context = {
+            **_plain(variables or {}),
+            "messages": chat,
+            "tools": _plain(tools),
+            "documents": _plain(documents),
+            "add_generation_prompt": add_generation_prompt,
+        }
+        rendered = template.render(context)
     except TemplateError:
         raise
     except SecurityError as e:

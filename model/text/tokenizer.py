@@ -14,13 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import ModelLoadError, TemplateError
-from model.text.chat_prompt import (
-    ChatPrompt,
-    SpecialTokenText,
-    encode_with_spans,
-    map_client_strings,
-    marked_render,
-)
+from model.text.chat_prompt import ChatPrompt, SpecialTokenText, encode_chat_prompt
 from model.text.chat_template import compile_template, render_chat_template
 
 logger = logging.getLogger(__name__)
@@ -224,17 +218,30 @@ class Tokenizer:
         ``extra`` become template variables (e.g. ``enable_thinking``) and may override the
         special tokens. Raises TemplateError when the template fails or misbehaves.
         """
+        return self.render_chat(
+            messages, tools, add_generation_prompt, continue_final_message, extra
+        )
+
+    def render_chat(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        template_kwargs: dict[str, Any] | None,
+    ) -> str:
+        """apply_chat_template with the extra variables as a dict (any names, no collisions)."""
         if self.chat_template is None:
             raise TemplateError("this model has no chat template")
         variables = {k: v for k, v in self._template_tokens.items() if v is not None}
-        variables.update(extra)
+        variables.update(template_kwargs or {})
         return render_chat_template(
             self.chat_template,
             messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
-            **variables,
+            variables=variables,
         )
 
     def encode_chat(
@@ -243,31 +250,29 @@ class Tokenizer:
         tools: list[dict] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
         add_special_tokens: bool = False,
-        **extra: Any,
     ) -> ChatPrompt:
         """Render the chat and encode it; client text never becomes control tokens.
 
-        Only what the template writes may be a special token; see model/text/chat_prompt.py.
-        Raises TemplateError like apply_chat_template.
+        Only what the template writes may be a special token (model/text/chat_prompt.py).
+        `template_kwargs` are extra template variables. Raises TemplateError.
         """
-        special = self._special_text
-        if tools is not None and special.occurs_in(tools):
-            tools = map_client_strings(tools, special.break_up)
 
-        def render(chat: list[dict]) -> str:
-            return self.apply_chat_template(
-                chat, tools, add_generation_prompt, continue_final_message, **extra
+        def render(chat: list[dict], chat_tools: list[dict] | None) -> str:
+            return self.render_chat(
+                chat, chat_tools, add_generation_prompt, continue_final_message, template_kwargs
             )
 
-        text = render(messages)
-        if not special.occurs_in(messages):
-            return ChatPrompt(text, self.encode(text, add_special_tokens))
-        spans = marked_render(render, messages, text)
-        if spans is None:  # the template transforms content: break the token texts up instead
-            text = render(map_client_strings(messages, special.break_up))
-            return ChatPrompt(text, self.encode(text, add_special_tokens))
-        ids = encode_with_spans(text, spans, special, self.encode_as_text)
+        prompt = encode_chat_prompt(
+            render,
+            messages,
+            tools,
+            self._special_text,
+            lambda text: self.encode(text, add_special_tokens=False),
+            self.encode_as_text,
+        )
         if add_special_tokens:
-            ids = self.encode("", add_special_tokens=True) + ids
-        return ChatPrompt(text, ids)
+            prefix = self.encode("", add_special_tokens=True)
+            return ChatPrompt(prompt.text, prefix + prompt.token_ids)
+        return prompt

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.api.fields import Fields, bad_request
+from server.api.fields import Fields, bad_request, check_depth, too_deep
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -91,6 +91,9 @@ def _parse_message_tool_calls(value: object, param: str) -> list[dict[str, Any]]
             parsed = json.loads(arguments) if arguments else {}
         except ValueError:
             parsed = arguments
+        except RecursionError:  # deeper than Python's parser goes
+            raise too_deep(f"{p}.function.arguments") from None
+        check_depth(parsed, f"{p}.function.arguments")
         calls.append(
             {
                 "id": str(call.get("id") or ""),
@@ -117,6 +120,7 @@ def parse_tools(value: object) -> list[dict[str, Any]] | None:
             raise bad_request(f"{p}.function.name", f"'{p}.function.name' must be a string.")
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise bad_request(f"{p}.function.parameters", "Tool parameters must be an object.")
+        check_depth(tool, p)
     return value or None
 
 
@@ -133,10 +137,28 @@ def parse_tool_choice(value: object, has_tools: bool) -> str:
     raise bad_request("tool_choice", "'tool_choice' must be 'none' or 'auto'.")
 
 
+# What the template receives from the request itself; chat_template_kwargs may not set it.
+TEMPLATE_ARGUMENTS = (
+    "messages",
+    "tools",
+    "documents",
+    "add_generation_prompt",
+    "continue_final_message",
+)
+
+
 def parse_template_kwargs(f: Fields) -> dict[str, Any]:
     value = f.get("chat_template_kwargs")
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise bad_request("chat_template_kwargs", "'chat_template_kwargs' must be an object.")
+    taken = next((name for name in TEMPLATE_ARGUMENTS if name in value), None)
+    if taken is not None:
+        raise bad_request(
+            "chat_template_kwargs",
+            f"'chat_template_kwargs' may not set {taken!r}: the request itself gives the chat "
+            "template that argument.",
+        )
+    check_depth(value, "chat_template_kwargs")
     return dict(value)

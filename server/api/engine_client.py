@@ -26,16 +26,24 @@ class Tokenizer(Protocol):
 
     def token_bytes(self, token_id: int) -> bytes: ...
 
-    def apply_chat_template(
+    def encode_chat(
         self,
         messages: list[dict],
         tools: list[dict] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
-        **extra: Any,
-    ) -> str:
-        """Raises model.errors.TemplateError when the template fails."""
+        template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool = False,
+    ) -> ChatPrompt:
+        """The rendered chat and its ids, client text never as control tokens.
+
+        Raises model.errors.TemplateError when the template fails."""
         ...
+
+
+class ChatPrompt(Protocol):
+    text: str
+    token_ids: list[int]
 
 
 class ModelConfig(Protocol):

@@ -96,3 +96,26 @@ class Fields:
                 self.param(name),
                 f"Invalid '{self.param(name)}': {value!r} is out of range {bounds}.",
             )
+
+
+# Deeper client JSON is refused before any recursive code (templates, our own copies) sees it.
+MAX_JSON_DEPTH = 64
+
+
+def check_depth(value: object, param: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """400 when `value` nests arrays/objects more than `limit` levels (checked without recursion)."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, (dict, list))
+        ]
+        if not level:
+            return
+    raise too_deep(param, limit)
+
+
+def too_deep(param: str, limit: int = MAX_JSON_DEPTH) -> HTTPError:
+    return bad_request(param, f"'{param}' is nested too deeply (limit {limit} levels).")

@@ -23,7 +23,7 @@ from server.api.fields import rejected
 from server.api.generation import Generation, GenerationEvents, collect
 from server.api.metrics import ServerMetrics
 from server.api.outputs import ChatOutput, CompletionOutput, Output
-from server.api.prompts import chat_prompt, completion_prompts, render_chat, resolve_params
+from server.api.prompts import chat_prompt, completion_prompts, encode_chat, resolve_params
 from server.api.protocol import (
     parse_chat_request,
     parse_completion_request,
@@ -197,17 +197,17 @@ class OpenAIAPI:
         self._model(req.model)
         tokenizer = engine.tokenizer
         if req.messages is not None:
-            text = render_chat(
+            tokens = encode_chat(
                 tokenizer,
                 req.messages,
                 req.tools,
                 req.add_generation_prompt,
                 req.continue_final_message,
                 req.chat_template_kwargs,
+                req.add_special_tokens,
             )
         else:
-            text = req.prompt
-        tokens = tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+            tokens = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         body: dict[str, Any] = {
             "count": len(tokens),
             "max_model_len": engine.max_model_len,

@@ -1,7 +1,7 @@
 """Requests -> prompt token ids and the engine's SamplingParams, checked once before generate.
 
-Chat messages are rendered with the model's chat template and encoded as text (control-token
-strings typed by a user stay text); completion prompts are encoded or taken as token ids. Then
+Chat messages are rendered with the model's chat template and encoded so that client text stays
+text (special-token strings in a message never become control tokens: model/text/chat_prompt.py); completion prompts are encoded or taken as token ids. Then
 `resolve_params` runs the one context check and fills max_tokens per prompt. The checks
 themselves are owned by model.sampling_params (the engine runs the same ones); their
 RequestRejected becomes the 400 naming the field.
@@ -19,30 +19,34 @@ from server.api.fields import bad_request, rejected
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 
 
-def render_chat(
+def encode_chat(
     tokenizer: Tokenizer,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
     add_generation_prompt: bool,
     continue_final_message: bool,
     template_kwargs: dict[str, Any],
-) -> str:
-    """The chat template's text; a template that fails is the client's 400 (param messages)."""
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """The chat template's prompt as token ids, client text encoded as text; a template that
+    fails is the client's 400 (param messages)."""
     try:
-        return tokenizer.apply_chat_template(
+        prompt = tokenizer.encode_chat(
             messages,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            **template_kwargs,
+            tools,
+            add_generation_prompt,
+            continue_final_message,
+            template_kwargs,
+            add_special_tokens,
         )
     except TemplateError as exc:
         raise bad_request("messages", f"The chat template failed: {exc}") from None
+    return prompt.token_ids
 
 
 def chat_prompt(tokenizer: Tokenizer, req: ChatCompletionRequest) -> list[int]:
     tools = req.tools if req.tool_choice != "none" else None
-    text = render_chat(
+    return encode_chat(
         tokenizer,
         req.messages,
         tools,
@@ -50,7 +54,6 @@ def chat_prompt(tokenizer: Tokenizer, req: ChatCompletionRequest) -> list[int]:
         req.continue_final_message,
         req.chat_template_kwargs,
     )
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def completion_prompts(

@@ -235,6 +235,9 @@ class HTTPProtocol(asyncio.Protocol):
             self._reject(431, f"Too many header fields (limit {config.max_header_fields})")
         elif num_header_bytes > config.max_header_bytes:
             self._reject(431, "Request header fields too large")
+        elif "content-length" in headers and "transfer-encoding" in headers:
+            # RFC 9112 6.1: the two framings may disagree (request smuggling): refuse and close.
+            self._reject(400, "Content-Length and Transfer-Encoding must not both be sent")
         elif int(headers.get("content-length", 0)) > config.max_body_bytes:
             self._reject(413, f"Request body too large (limit {config.max_body_bytes} bytes)")
         elif state.is_draining:

@@ -19,10 +19,12 @@ from typing import Any
 
 from model.errors import EngineError, TemplateError
 from model.sampling_params import SamplingParams, check_prompt_ids, resolve_max_tokens
+from model.text.chat_prompt import ChatPrompt, SpecialTokenText, encode_chat_prompt
 
 IM_END, IM_START, BOS = 256, 257, 258
 SPECIALS = {IM_END: "<|im_end|>", IM_START: "<|im_start|>", BOS: "<s>"}
 VOCAB_SIZE = 300
+SPECIAL_TEXT = SpecialTokenText({t: i for i, t in SPECIALS.items()}, rstrip=set(), lstrip=set())
 
 
 class FakeTokenizer:
@@ -59,6 +61,36 @@ class FakeTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         data = b"".join(self.token_bytes(t) for t in ids if not (skip_special_tokens and t >= 256))
         return data.decode("utf-8", errors="replace")
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool = False,
+    ) -> ChatPrompt:
+        """The real mechanism (model/text/chat_prompt.py) over this toy template."""
+
+        def render(chat: list[dict], chat_tools: list[dict] | None) -> str:
+            return self.apply_chat_template(
+                chat,
+                chat_tools,
+                add_generation_prompt,
+                continue_final_message,
+                **(template_kwargs or {}),
+            )
+
+        prompt = encode_chat_prompt(
+            render, messages, tools, SPECIAL_TEXT, self.encode, self.encode_as_text
+        )
+        if add_special_tokens:
+            return ChatPrompt(prompt.text, [BOS, *prompt.token_ids])
+        return prompt
+
+    def encode_as_text(self, text: str) -> list[int]:
+        return list(text.encode())
 
     def apply_chat_template(
         self,

@@ -205,10 +205,12 @@ def test_filters_globals_and_extras_match_hf(default_pair) -> None:
         template,
         chat,
         tools=[WEATHER_TOOL],
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        enable_thinking=False,
         add_generation_prompt=False,
+        variables={
+            "bos_token": "<|im_start|>",
+            "eos_token": "<|im_end|>",
+            "enable_thinking": False,
+        },
     )
     assert got == expected
     assert '"é <b>&</b>"' in got  # tojson keeps non-ASCII and HTML characters as they are

@@ -71,7 +71,7 @@ def test_protocols_name_members():
         "decode",
         "token_text",
         "token_bytes",
-        "apply_chat_template",
+        "encode_chat",
     }
 
 

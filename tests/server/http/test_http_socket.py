@@ -480,6 +480,31 @@ def test_head_limits_and_malformed_requests(srv, head, status):
         assert c.is_closed_by_server()
 
 
+SMUGGLED = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 60\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 5\r\n\r\n0\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 60\r\n"
+        b"Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",  # obs-fold
+    ],
+    ids=["cl-then-te", "te-then-cl", "obs-folded-te"],
+)
+def test_content_length_with_transfer_encoding_is_400_and_closed(srv, head):
+    """RFC 9112 6.1: nothing pipelined behind such a request may be served (smuggling)."""
+    with Client(srv.port) as c:
+        c.send(head + SMUGGLED)
+        reply = c.read_response()
+        assert reply.status == 400
+        assert "Transfer-Encoding" in reply.json()["error"]["message"]
+        assert c.is_closed_by_server()
+
+
 def test_slowloris_header_timeout_is_408(srv):
     with Client(srv.port) as c:
         started = time.monotonic()
