@@ -28,11 +28,18 @@ MODEL_LAYERS_MAY_IMPORT = {
     "text": {"leaves"},
     "layers": {"leaves"},
     "models": {"leaves", "layers"},
-    "sample": {"leaves"},
-    "engine": {"leaves", "text", "layers", "models", "sample"},
+    "sample": {"leaves", "structured"},
+    "engine": {"leaves", "text", "layers", "models", "sample", "structured"},
     "hub": {"leaves"},
+    "structured": {"leaves"},
 }
-TORCH_FREE = ("model.engine.scheduler", "model.engine.block_manager", "model.engine.sequence")
+TORCH_FREE = (
+    "model.engine.scheduler",
+    "model.engine.block_manager",
+    "model.engine.sequence",
+    "model.structured.compiler",
+    "model.structured.matcher",
+)
 
 
 def module_name(path: Path) -> str:
@@ -52,15 +59,22 @@ MODULES = all_modules()
 
 
 def imports_of(path: Path) -> set[str]:
-    """Every module `path` imports, at any depth of its code (our modules and third-party ones)."""
+    """Every module `path` imports, at any depth of its code (our modules and third-party ones).
+
+    Relative imports are resolved against the module's package, so they count too."""
     found: set[str] = set()
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package.pop()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
             for alias in node.names:
-                submodule = f"{node.module}.{alias.name}"
-                found.add(submodule if submodule in MODULES else node.module)
+                submodule = f"{module}.{alias.name}"
+                found.add(submodule if submodule in MODULES else module)
     return found
 
 
@@ -75,7 +89,7 @@ def model_layer(name: str) -> str:
     if name in MODEL_LEAVES:
         return "leaves"
     parts = name.split(".")
-    assert len(parts) >= 3 and parts[1] in MODEL_LAYERS_MAY_IMPORT, f"{name} is in no layer"
+    assert len(parts) >= 2 and parts[1] in MODEL_LAYERS_MAY_IMPORT, f"{name} is in no layer"
     return parts[1]
 
 
