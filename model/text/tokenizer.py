@@ -1,8 +1,9 @@
-"""Tokenizer, chat template, incremental detokenizer and stop strings.
+"""The model's tokenizer: encode/decode, token bytes, stop tokens and the chat template.
 
 ``Tokenizer`` wraps a ``tokenizers.Tokenizer`` loaded from a Hugging Face model folder
-(tokenizer.json, tokenizer_config.json, generation_config.json, config.json). The detokenizer
-and stop-string matcher turn a stream of sampled token ids into safe text deltas.
+(tokenizer.json, tokenizer_config.json, generation_config.json, config.json). Chats are rendered
+with chat_template.py and encoded by ``encode_chat`` so client text stays text (chat_prompt.py);
+detokenizer.py and stop_strings.py turn sampled ids back into text deltas.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Prometheus text exposition (format 0.0.4), written by hand.
+"""The server's metrics: `ServerMetrics` and the per-request `RequestTracker`.
 
-Counters, gauges and histograms with optional labels, a registry that renders them, and
-`ServerMetrics`: the API layer's latency histograms and request counters plus the engine's
-gauges and token counters, read from `engine.stats()` at scrape time.
+The API layer's latency histograms and request counters, plus the engine's gauges and token
+counters read from `engine.stats()` at scrape time; the metric types and the text format are
+server/prometheus.py's.
 """
 
 from __future__ import annotations

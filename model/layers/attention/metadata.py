@@ -1,4 +1,5 @@
-"""Attention metadata of one flat batch: slots, block tables, lengths; built once per step by the runner."""
+"""Attention metadata of one flat batch: slots, block tables, lengths; built once per step by the
+runner and handed to every layer as an explicit argument (the pool layout: torch_backend.py)."""
 
 from __future__ import annotations
 

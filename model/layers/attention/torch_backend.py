@@ -1,4 +1,4 @@
-"""Paged attention over a flat batch: metadata, its builder, and the torch reference backend.
+"""Paged attention over a flat batch: the torch reference backend (CPU and CUDA).
 
 KV pool layout (allocated by the runner): `[num_layers, 2, num_blocks, block_size, num_kv_heads,
 head_dim]`; a layer sees `k_cache`/`v_cache` of shape `[num_blocks, block_size, num_kv_heads,

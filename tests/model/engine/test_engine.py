@@ -173,3 +173,19 @@ def test_stop_string_and_eos(engine, prompts):
     assert cut.text == full[: full.index(stop)]
     natural = engine.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=200))[0][0]
     assert natural.finish_reason == "stop" and natural.stop_reason is None
+
+
+def test_no_per_request_state_outlives_its_request(engine, prompts):
+    """Finished, stopped, aborted and n > 1 requests leave nothing behind (leak check)."""
+    engine.add_request("done", prompts[0], greedy(max_tokens=3))
+    engine.add_request("stopped", prompts[1], SamplingParams(max_tokens=40, stop=["e"], seed=1))
+    engine.add_request("aborted", prompts[2], greedy(max_tokens=50))
+    engine.add_request("siblings", prompts[3], SamplingParams(n=3, max_tokens=4, seed=2))
+    engine.step()
+    engine.abort_request("aborted")
+    while engine.has_unfinished():
+        engine.step()
+    assert engine._requests == {}
+    assert engine.output_processor._states == {}
+    assert engine.scheduler._by_request == {} and engine.scheduler.running == {}
+    assert engine.stats().kv_cache_usage == 0
