@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from model.engine.block_manager import BlockManager
 from model.engine.config import EngineConfig
-from model.engine.model_runner import ModelRunner, RunnerConfig
+from model.engine.model_runner import ModelRunner
 from model.engine.output_processor import OutputProcessor
 from model.engine.outputs import EngineStats, GenerationDelta, Output, merge_deltas
 from model.engine.scheduler import Scheduler, SchedulerConfig
@@ -43,17 +43,7 @@ class LLMEngine:
         self.config = config
         t0 = time.perf_counter()
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
-        self.runner = ModelRunner(
-            RunnerConfig(
-                model_dir=str(config.model_dir),
-                device=config.device,
-                dtype=config.torch_dtype,
-                block_size=config.block_size,
-                attn_backend=config.attn_backend,
-                num_threads=config.num_threads,
-                cpu_packed_weights=config.cpu_packed_weights,
-            )
-        )
+        self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.runner.device.type == "cuda":

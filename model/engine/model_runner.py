@@ -8,11 +8,11 @@ sequence carries; attention metadata is built here and handed to the model as an
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from model.config import ModelConfig
+from model.engine.config import EngineConfig
 from model.engine.scheduler import ScheduledSeq
 from model.layers.attention.metadata import build_attention_metadata
 from model.models.loader import load_model
@@ -22,26 +22,12 @@ from model.sample.sampler import Sampler
 logger = logging.getLogger("nanoserve.runner")
 
 
-@dataclass
-class RunnerConfig:
-    model_dir: str
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    block_size: int = 16
-    attn_backend: str = "torch"
-    num_threads: int | None = None
-    cpu_packed_weights: bool = True  # CPU: linear layers from oneDNN-packed weights
-
-    def __post_init__(self) -> None:
-        assert self.block_size > 0
-
-
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
 class ModelRunner:
-    def __init__(self, config: RunnerConfig) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
         if config.num_threads:
@@ -49,7 +35,7 @@ class ModelRunner:
         self.model, self.model_config = load_model(
             config.model_dir,
             device=config.device,
-            dtype=config.dtype,
+            dtype=config.torch_dtype,
             attn_backend=config.attn_backend,
         )
         # CPU: every linear layer from oneDNN-packed weights (model/layers/linear.py) when it can.
@@ -68,7 +54,7 @@ class ModelRunner:
         """Bytes of K and V for one block across all layers."""
         mc: ModelConfig = self.model_config
         per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim
-        return per_token * self.config.block_size * dtype_size(self.config.dtype)
+        return per_token * self.config.block_size * dtype_size(self.config.torch_dtype)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
@@ -82,7 +68,7 @@ class ModelRunner:
             self.config.block_size,
             mc.num_key_value_heads,
             mc.head_dim,
-            dtype=self.config.dtype,
+            dtype=self.config.torch_dtype,
             device=self.device,
         )
 
