@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from tests.e2e.conftest import ServerProcess
 from tests.e2e.test_disconnect import chat_body, request_bytes, unique_text
 
+IDLE_TIMEOUT_S = 15.0
 SMUGGLED_GET = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
@@ -244,7 +245,9 @@ def run_storm(server: ServerProcess, num_requests: int, num_threads: int, seed: 
     for thread in threads:
         thread.join(300)
     assert not errors, errors[:3]
-    server.wait_idle(30)
+    # Aborts take effect at the next step boundary: the last cut request leaves within seconds.
+    idle_after_s, _ = server.wait_idle(IDLE_TIMEOUT_S)
+    print(f"storm of {num_requests}: idle {idle_after_s:.2f} s after the last client left")
     with server.http() as http:
         r = http.post("/v1/completions", json={"prompt": unique_text(3), "max_tokens": 2})
         assert r.status_code == 200, r.text
