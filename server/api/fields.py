@@ -49,21 +49,19 @@ class Fields:
     def get(self, name: str) -> Any:
         return self.obj.get(name)
 
-    def bool(self, name: str, default: bool) -> bool:
+    def _typed(self, name: str, default: Any, kind: type, expected: str) -> Any:
         value = self.obj.get(name)
         if value is None:
             return default
-        if not isinstance(value, bool):
-            raise self._wrong_type(name, "a boolean", value)
+        if not isinstance(value, kind):
+            raise self._wrong_type(name, expected, value)
         return value
 
+    def bool(self, name: str, default: bool) -> bool:
+        return self._typed(name, default, bool, "a boolean")
+
     def str(self, name: str, default: str | None = None) -> str | None:
-        value = self.obj.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self._wrong_type(name, "a string", value)
-        return value
+        return self._typed(name, default, str, "a string")
 
     def int(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None):
         value = self.obj.get(name)

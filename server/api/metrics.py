@@ -29,35 +29,49 @@ E2E_BUCKETS_S = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 
 FINISH_REASONS = ("stop", "length", "tool_calls", "abort", "error")
 
 
+ENGINE_METRICS = (
+    (
+        "num_requests_running",
+        Gauge,
+        "nanoserve_num_requests_running",
+        "Requests in the running batch.",
+    ),
+    (
+        "num_requests_waiting",
+        Gauge,
+        "nanoserve_num_requests_waiting",
+        "Requests waiting for admission.",
+    ),
+    (
+        "kv_cache_usage_ratio",
+        Gauge,
+        "nanoserve_kv_cache_usage_ratio",
+        "KV cache blocks held by live requests / all blocks (0..1).",
+    ),
+    (
+        "prefix_cache_hit_ratio",
+        Gauge,
+        "nanoserve_prefix_cache_hit_ratio",
+        "Prompt tokens found in the prefix cache / prompt tokens looked up (0..1).",
+    ),
+    (
+        "prompt_tokens_total",
+        Counter,
+        "nanoserve_prompt_tokens_total",
+        "Prompt tokens computed (prefill).",
+    ),
+    ("generation_tokens_total", Counter, "nanoserve_generation_tokens_total", "Tokens generated."),
+)
+
+
 class ServerMetrics:
     """Every metric nanoserve exposes at /metrics."""
 
     def __init__(self) -> None:
         r = self.registry = Registry()
-        self.num_requests_running = r.register(
-            Gauge("nanoserve_num_requests_running", "Requests in the running batch.")
-        )
-        self.num_requests_waiting = r.register(
-            Gauge("nanoserve_num_requests_waiting", "Requests waiting for admission.")
-        )
-        self.kv_cache_usage_ratio = r.register(
-            Gauge(
-                "nanoserve_kv_cache_usage_ratio",
-                "KV cache blocks held by live requests / all blocks (0..1).",
-            )
-        )
-        self.prefix_cache_hit_ratio = r.register(
-            Gauge(
-                "nanoserve_prefix_cache_hit_ratio",
-                "Prompt tokens found in the prefix cache / prompt tokens looked up (0..1).",
-            )
-        )
-        self.prompt_tokens_total = r.register(
-            Counter("nanoserve_prompt_tokens_total", "Prompt tokens computed (prefill).")
-        )
-        self.generation_tokens_total = r.register(
-            Counter("nanoserve_generation_tokens_total", "Tokens generated.")
-        )
+        # The engine's gauges and token counters: (attribute, type, name, help).
+        for attr, kind, name, help_text in ENGINE_METRICS:
+            setattr(self, attr, r.register(kind(name, help_text)))
         self.requests_total = r.register(
             Counter(
                 "nanoserve_requests_total",
