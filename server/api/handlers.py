@@ -176,10 +176,12 @@ class OpenAIAPI:
         }
 
     async def list_models(self, request: Request) -> Response:
+        self._engine(request)  # 503 until the model is ready, so a readiness probe waits
         data = [self._model_card(n) for n in self.state.served_model_names]
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
+        self._engine(request)
         return JSONResponse(self._model_card(self._model(request.path_params["model"])))
 
     async def health(self, request: Request) -> Response:

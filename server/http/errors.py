@@ -23,6 +23,17 @@ _TYPE_BY_STATUS = {
 }
 
 
+# Every 503 (loading, shutting down, too many connections) says when to come back: clients such
+# as the openai SDK honour Retry-After, and without it their default retries give up at once.
+RETRY_AFTER_S = 1
+
+
+def with_retry_after(status: int, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    if status == 503 and not any(k.lower() == "retry-after" for k, _ in headers):
+        return [*headers, ("retry-after", str(RETRY_AFTER_S))]
+    return headers
+
+
 def default_error_type(status: int) -> str:
     """The OpenAI error `type` used when a handler does not name one."""
     found = _TYPE_BY_STATUS.get(status)
@@ -84,7 +95,7 @@ class HTTPError(Exception):
         self.type = type
         self.param = param
         self.code = code
-        self.headers = list(headers) if headers else []
+        self.headers = with_retry_after(status, list(headers) if headers else [])
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.type, self.param, self.code)
@@ -100,6 +111,7 @@ def raw_error_response(
     body = error_body(status, message)
     head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))]
     head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+    headers = with_retry_after(status, list(headers))
     head.extend(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
     head.append(b"connection: close\r\n\r\n")
     return b"".join(head) + body
