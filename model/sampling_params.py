@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from model.errors import RequestRejected
 
@@ -130,6 +131,11 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    # A model.structured.CompiledGrammar the output must match (compiled by the API layer
+    # before admission; this leaf module may not import model.structured, hence Any). Each
+    # sequence of the request gets its own GrammarMatcher over it. Shared and read-only: kept
+    # out of equality and repr.
+    structured: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)

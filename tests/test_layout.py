@@ -133,6 +133,22 @@ def test_only_the_entry_points_reach_engine_and_hub():
     assert violations(rule) == []
 
 
+# What the API layer may import of model: torch-free modules only (the leaves and the
+# structured-output compiler).
+API_MAY_IMPORT = ("model.errors", "model.sampling_params", "model.config", "model.structured")
+
+
+def test_api_imports_only_torch_free_model_modules():
+    def rule(m: str, d: str) -> bool:
+        return (
+            m.startswith("server.api")
+            and d.startswith("model")
+            and not any(d == a or d.startswith(a + ".") for a in API_MAY_IMPORT)
+        )
+
+    assert violations(rule) == []
+
+
 def test_model_layers_point_one_way():
     def rule(m: str, d: str) -> bool:
         if not (m.startswith("model.") and d.startswith("model.")) or d == "model":

@@ -13,6 +13,7 @@ from model.engine.llm_engine import LLMEngine
 from model.engine.outputs import EngineStats, GenerationDelta, Output, merge_deltas
 from model.errors import EngineError, QueueFull, RequestRejected
 from model.sampling_params import SamplingParams
+from model.structured import GrammarCompiler
 
 logger = logging.getLogger("nanoserve.engine")
 
@@ -143,6 +144,10 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             self._queued.discard(request_id)
         self._submit(("abort", request_id))
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The engine's structured-output compiler (thread-safe; built on first call)."""
+        return self.engine.grammar_compiler()
 
     def stats(self) -> EngineStats:
         stats = self._stats

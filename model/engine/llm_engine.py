@@ -10,6 +10,7 @@ AsyncEngine (model.engine.async_engine) runs this loop in a thread.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -23,6 +24,7 @@ from model.engine.sequence import Sequence
 from model.errors import EngineError, RequestRejected
 from model.sample.metadata import SamplingRow, make_generator
 from model.sampling_params import SamplingParams, check_prompt_ids, resolve_max_tokens
+from model.structured import GrammarCompiler, GrammarMatcher, VocabIndex
 from model.text.tokenizer import Tokenizer
 
 logger = logging.getLogger("nanoserve.engine")
@@ -86,6 +88,8 @@ class LLMEngine:
             self.tokenizer, self.stop_ids_eos, self.max_model_len
         )
         self._requests: dict[str, _Request] = {}
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self.num_preemptions_total = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -108,6 +112,17 @@ class LLMEngine:
         )
         params.check_token_ids(vocab)
         return replace(params, max_tokens=max_tokens)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-output compiler over this tokenizer, built on first use (the
+        vocabulary index takes ~1 s for 150k tokens). Thread-safe: the API layer compiles
+        specs with it off the engine thread. Masks are as wide as the logits."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                width = max(self.model_config.vocab_size, self.tokenizer.vocab_size)
+                vocab = VocabIndex.from_tokenizer(self.tokenizer, vocab_size=width)
+                self._grammar_compiler = GrammarCompiler(vocab)
+            return self._grammar_compiler
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self._requests:
@@ -136,6 +151,10 @@ class LLMEngine:
         seed = None if params.seed is None else params.seed + index
         user_stop_ids = set(params.stop_token_ids)
         min_tokens_stop_ids = user_stop_ids | (set() if params.ignore_eos else self.stop_ids_eos)
+        # Structured outputs: one matcher per choice, over the request's shared grammar.
+        matcher = None
+        if params.structured is not None:
+            matcher = GrammarMatcher(params.structured, self.stop_ids_eos)
         # The row reads the sequence's own token list: each sampled token is stored once.
         seq.sampling_row = SamplingRow(
             params=params,
@@ -143,8 +162,9 @@ class LLMEngine:
             output_token_ids=seq.output_view(),
             generator=make_generator(seed, self.runner.device),
             stop_token_ids_for_min_tokens=min_tokens_stop_ids,
+            matcher=matcher,
         )
-        self.output_processor.add(seq, params)
+        self.output_processor.add(seq, params, matcher)
         return seq
 
     def abort_request(self, request_id: str) -> list[Output]:

@@ -3,17 +3,21 @@
 The engine hands `process` each sequence's new token after the scheduler appended it, and
 gets back the `GenerationDelta` for it; a delta with a `finish_reason` means the sequence is
 done, and the engine then takes it out of the scheduler. The processor keeps only the text
-state of each unfinished sequence (its detokenizer and stop-string matcher).
+state of each unfinished sequence (its detokenizer and stop-string matcher) and, for
+structured outputs, advances the sequence's GrammarMatcher by each token: a grammar that
+admits nothing but EOS finishes the sequence with "stop" at once.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from model.engine.outputs import GenerationDelta
 from model.engine.sequence import Sequence
 from model.sample.metadata import TokenLogprobs
 from model.sampling_params import SamplingParams
+from model.structured import GrammarMatcher
 from model.text.detokenizer import IncrementalDetokenizer
 from model.text.stop_strings import StopStringMatcher
 from model.text.tokenizer import Tokenizer
@@ -24,6 +28,10 @@ class _TextState:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
     matcher: StopStringMatcher | None
+    grammar: GrammarMatcher | None
+
+
+logger = logging.getLogger("nanoserve.engine")
 
 
 class OutputProcessor:
@@ -37,14 +45,16 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self._states: dict[int, _TextState] = {}
 
-    def add(self, seq: Sequence, params: SamplingParams) -> None:
+    def add(
+        self, seq: Sequence, params: SamplingParams, grammar: GrammarMatcher | None = None
+    ) -> None:
         matcher = None
         if params.stop:
             matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output)
         detokenizer = IncrementalDetokenizer(
             self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens
         )
-        self._states[seq.seq_id] = _TextState(params, detokenizer, matcher)
+        self._states[seq.seq_id] = _TextState(params, detokenizer, matcher, grammar)
 
     def process(
         self, seq: Sequence, token_id: int, logprob: TokenLogprobs | None
@@ -56,6 +66,14 @@ class OutputProcessor:
         finish: str | None = None
         stop_reason: str | int | None = None
         text = ""
+        grammar_done = False
+        if state.grammar is not None:
+            if not state.grammar.accept_token(token_id):
+                # The sampler masks what the grammar forbids, so only a dead end gets here.
+                logger.warning("seq %d: token %d outside its grammar", seq.seq_id, token_id)
+                grammar_done = True
+            else:
+                grammar_done = state.grammar.is_terminated()
         if token_id in params.stop_token_ids and num_out >= params.min_tokens:
             finish, stop_reason = "stop", token_id
         elif (
@@ -70,6 +88,8 @@ class OutputProcessor:
                 text, matched = state.matcher.push(text)
                 if matched is not None:
                     finish, stop_reason = "stop", matched
+        if finish is None and grammar_done:
+            finish = "stop"
         if finish is None and (
             num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len
         ):

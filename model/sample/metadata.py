@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from model.sampling_params import SamplingParams
+from model.structured import GrammarMatcher
 
 _SEED_MASK = (1 << 64) - 1
 
@@ -36,6 +37,9 @@ class SamplingRow:
     generator: torch.Generator | None = None
     # Stop/EOS ids banned while len(output_token_ids) < params.min_tokens.
     stop_token_ids_for_min_tokens: Collection[int] = ()
+    # Structured outputs: where this sequence stands in its grammar (the engine advances it
+    # after each sampled token); None: unconstrained.
+    matcher: GrammarMatcher | None = None
 
 
 @dataclass
@@ -97,6 +101,7 @@ class SamplingMetadata:
     frequency_amount: torch.Tensor | None = None  # [U] freq * count + presence
     logprob_rows: torch.Tensor | None = None  # [L] int64 rows wanting logprobs
     max_num_logprobs: int = 0
+    matchers: list[GrammarMatcher | None] | None = None  # per row; None: no row constrained
 
     @classmethod
     def build(
@@ -167,6 +172,9 @@ class SamplingMetadata:
             meta.min_tokens_index = (_long(m_rows, device), _long(m_ids, device))
 
         meta._build_penalties(rows, device)
+
+        if any(r.matcher is not None for r in rows):
+            meta.matchers = [r.matcher for r in rows]
 
         lp_rows = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
         if lp_rows:

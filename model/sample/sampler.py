@@ -5,7 +5,7 @@ parameters (`SamplingParams`, from model.sampling_params) into tensors once per 
 which processors any row needs, so the common case (plain temperature sampling or greedy) runs
 no penalty/bias/top-k/top-p/min-p op.
 
-Order of operations (as in vLLM): logit_bias -> min_tokens -> repetition penalty ->
+Order of operations (as in vLLM): grammar masks (structured outputs) -> logit_bias -> min_tokens -> repetition penalty ->
 frequency/presence penalties -> [logprobs] -> greedy argmax | temperature -> top_k -> top_p ->
 min_p -> draw.
 """
@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from model.sample.metadata import _SEED_MASK, SamplerOutput, SamplingMetadata, TokenLogprobs
 from model.sampling_params import LOGPROB_FLOOR
+from model.structured import fill_masks
 
 
 def _apply_processors_(logits: torch.Tensor, meta: SamplingMetadata) -> None:
@@ -119,6 +121,26 @@ class Sampler:
         self._seed = seed
         self._shared_generators: dict[torch.device, torch.Generator] = {}
         self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._mask_rows = np.zeros((0, 0), dtype=bool)  # host rows of the grammar masks
+
+    def _apply_grammar_masks_(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
+        """Tokens a row's grammar forbids get -inf: one [N, V] masked_fill (as vLLM applies
+        its grammar bitmasks); unconstrained rows get all-True rows and are left untouched."""
+        assert meta.matchers is not None
+        num_rows, vocab_size = logits.shape
+        width = max(m.grammar.masker.vocab.vocab_size for m in meta.matchers if m is not None)
+        if self._mask_rows.shape[0] < num_rows or self._mask_rows.shape[1] != width:
+            self._mask_rows = np.zeros((num_rows, width), dtype=bool)
+        rows = self._mask_rows[:num_rows]
+        fill_masks(meta.matchers, rows)
+        allowed = torch.from_numpy(rows).to(logits.device, non_blocking=True)  # (N, W)
+        if width > vocab_size:  # never happens when the vocabulary index is built at the
+            allowed = allowed[:, :vocab_size]  # logits width; kept safe anyway
+        elif width < vocab_size:  # ids past the grammar's vocabulary: never allowed
+            pad = torch.zeros(num_rows, vocab_size - width, dtype=torch.bool, device=logits.device)
+            pad[[i for i, m in enumerate(meta.matchers) if m is None]] = True
+            allowed = torch.cat([allowed, pad], dim=1)
+        logits.masked_fill_(~allowed, -math.inf)
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         generator = self._shared_generators.get(device)
@@ -144,6 +166,8 @@ class Sampler:
             f"logits {tuple(logits.shape)} vs batch ({meta.num_rows}, {meta.vocab_size})"
         )
         work = self._buffer("logits", logits.shape, logits.device).copy_(logits)  # (N, V)
+        if meta.matchers is not None:
+            self._apply_grammar_masks_(work, meta)
         _apply_processors_(work, meta)
 
         # Logprobs describe the model's distribution as the request shaped it (bias, min_tokens,

@@ -124,17 +124,34 @@ def parse_tools(value: object) -> list[dict[str, Any]] | None:
     return value or None
 
 
-def parse_tool_choice(value: object, has_tools: bool) -> str:
+def parse_tool_choice(value: object, tools: list[dict[str, Any]] | None) -> tuple[str, str | None]:
+    """(choice, function name): "none" | "auto" | "required" | "function" (the named one, which
+    must be one of `tools`). Absent: "auto" with tools, else "none"."""
     if value is None:
-        return "auto" if has_tools else "none"
+        return ("auto" if tools else "none"), None
     if value in ("none", "auto"):
-        return value
+        return value, None
     if value == "required" or isinstance(value, dict):
-        raise bad_request(
-            "tool_choice",
-            "tool_choice 'required' or a named function is not supported yet; use 'auto' or 'none'.",
-        )
-    raise bad_request("tool_choice", "'tool_choice' must be 'none' or 'auto'.")
+        if not tools:
+            raise bad_request("tool_choice", "'tool_choice' other than 'none' needs 'tools'.")
+        if value == "required":
+            return "required", None
+        fn = value.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if value.get("type", "function") != "function" or not isinstance(name, str):
+            raise bad_request(
+                "tool_choice",
+                'A named \'tool_choice\' must be {"type": "function", "function": {"name": ...}}.',
+            )
+        if all(t["function"]["name"] != name for t in tools):
+            raise bad_request(
+                "tool_choice",
+                f"'tool_choice' names the function {name!r}, which is not in 'tools'.",
+            )
+        return "function", name
+    raise bad_request(
+        "tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or a named function."
+    )
 
 
 # What the template receives from the request itself; chat_template_kwargs may not set it.

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from model.sampling_params import SamplingParams
+from model.structured import GrammarCompiler
 
 
 class Tokenizer(Protocol):
@@ -95,6 +96,12 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None:
         """Idempotent; the request ends with finish_reason "abort"."""
+        ...
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-output compiler over this model's vocabulary (masks as wide as the
+        logits). Thread-safe and slow on first call: call it off the event loop. Its grammars
+        go to the engine in SamplingParams.structured."""
         ...
 
     def stats(self) -> EngineStats: ...

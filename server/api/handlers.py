@@ -30,6 +30,7 @@ from server.api.protocol import (
     parse_detokenize_request,
     parse_tokenize_request,
 )
+from server.api.structured import compile_structured
 from server.http.errors import HTTPError
 from server.http.messages import JSONResponse, Request, Response
 from server.http.routing import Router
@@ -128,7 +129,8 @@ class OpenAIAPI:
         req = parse_chat_request(request.json(), self.state.max_n)
         model = self._model(req.model)
         prompt_ids = chat_prompt(engine.tokenizer, req)
-        params = resolve_params(engine, [prompt_ids], req.sampling, "messages")
+        sampling = await compile_structured(engine, req.sampling, req.structured)
+        params = resolve_params(engine, [prompt_ids], sampling, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         output = ChatOutput(
             req, engine.tokenizer, self._meta(request_id, model), [len(prompt_ids)], tracker
@@ -143,7 +145,8 @@ class OpenAIAPI:
         req = parse_completion_request(request.json(), self.state.max_n)
         model = self._model(req.model)
         prompts, echo_texts = completion_prompts(engine, req)
-        params = resolve_params(engine, prompts, req.sampling, "prompt")
+        sampling = await compile_structured(engine, req.sampling, req.structured)
+        params = resolve_params(engine, prompts, sampling, "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         output = CompletionOutput(
             req,

@@ -135,8 +135,10 @@ class ChatOutput(Output):
         self.tokenizer = tokenizer
         self.wants_logprobs = req.logprobs
         if req.parses_tool_calls:
+            names = req.tool_names
+            max_calls = None if req.parallel_tool_calls else 1
             for choice in self.choices:
-                choice.parser = ToolCallParser()
+                choice.parser = ToolCallParser(names, max_calls)
 
     def _chunk_choice(self, index: int, delta: dict, logprobs=None, finish=None, stop=None) -> dict:
         entry = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}

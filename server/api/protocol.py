@@ -28,6 +28,7 @@ from server.api.chat_messages import (
     parse_tools,
 )
 from server.api.fields import Fields, bad_request, rejected
+from server.api.structured import StructuredRequest, parse_structured, tool_call_request
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -122,19 +123,6 @@ def _parse_stream(f: Fields) -> tuple[bool, bool]:
     return stream, Fields(options, "stream_options.").bool("include_usage", False)
 
 
-def _parse_response_format(value: object) -> None:
-    if value is None:
-        return
-    kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise bad_request(
-            "response_format", f"response_format {kind!r} is not supported yet; use 'text'."
-        )
-    raise bad_request("response_format", "'response_format.type' must be 'text'.")
-
-
 # ---- requests --------------------------------------------------------------------------------
 
 
@@ -147,7 +135,10 @@ class ChatCompletionRequest:
     stream: bool = False
     include_usage: bool = False
     tools: list[dict[str, Any]] | None = None  # passed to the template unless tool_choice is none
-    tool_choice: str = "none"  # "none" | "auto"
+    tool_choice: str = "none"  # "none" | "auto" | "required" | "function" (named: tool_name)
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    structured: StructuredRequest | None = None  # the output constraint, compiled before admission
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -158,7 +149,12 @@ class ChatCompletionRequest:
 
     @property
     def parses_tool_calls(self) -> bool:
-        return self.tools is not None and self.tool_choice == "auto"
+        return self.tools is not None and self.tool_choice != "none"
+
+    @property
+    def tool_names(self) -> set[str]:
+        """The functions a parsed call may name (under "auto" other names stay text)."""
+        return {t["function"]["name"] for t in self.tools or ()}
 
 
 @dataclass
@@ -171,6 +167,7 @@ class CompletionRequest:
     include_usage: bool = False
     echo: bool = False
     add_special_tokens: bool = True
+    structured: StructuredRequest | None = None  # the output constraint, compiled before admission
 
 
 @dataclass
@@ -211,10 +208,20 @@ def parse_chat_request(body: object, max_n: int) -> ChatCompletionRequest:
     )
     sampling = parse_sampling(f, max_n, logprobs, max_tokens_name)
     stream, include_usage = _parse_stream(f)
-    _parse_response_format(f.get("response_format"))
+    structured = parse_structured(f)
     tools = parse_tools(f.get("tools"))
-    tool_choice = parse_tool_choice(f.get("tool_choice"), tools is not None)
-    f.bool("parallel_tool_calls", True)  # accepted; every call the model writes is returned
+    tool_choice, tool_name = parse_tool_choice(f.get("tool_choice"), tools)
+    # False: one call at most (under "required" or a named function the grammar allows one).
+    parallel_tool_calls = f.bool("parallel_tool_calls", True)
+    if tools is not None:
+        forced = tool_call_request(tools, tool_choice, tool_name)
+        if forced is not None:
+            if structured is not None:
+                raise bad_request(
+                    structured.param,
+                    f"'{structured.param}' cannot be combined with tool_choice {tool_choice!r}.",
+                )
+            structured = forced
     continue_final = f.bool("continue_final_message", False)
     add_generation_prompt = f.bool("add_generation_prompt", not continue_final)
     if continue_final:
@@ -242,6 +249,9 @@ def parse_chat_request(body: object, max_n: int) -> ChatCompletionRequest:
         include_usage=include_usage,
         tools=tools,
         tool_choice=tool_choice,
+        tool_name=tool_name,
+        parallel_tool_calls=parallel_tool_calls,
+        structured=structured,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final,
         chat_template_kwargs=parse_template_kwargs(f),
@@ -280,7 +290,7 @@ def parse_completion_request(body: object, max_n: int) -> CompletionRequest:
     best_of = f.int("best_of", None, 1)
     if best_of is not None and best_of != sampling.n:
         raise bad_request("best_of", "'best_of' is not supported (it must equal 'n').")
-    _parse_response_format(f.get("response_format"))
+    structured = parse_structured(f)
     return CompletionRequest(
         model=f.str("model"),
         prompts=prompts,
@@ -289,6 +299,7 @@ def parse_completion_request(body: object, max_n: int) -> CompletionRequest:
         include_usage=include_usage,
         echo=echo,
         add_special_tokens=f.bool("add_special_tokens", True),
+        structured=structured,
     )
 
 

@@ -3,7 +3,9 @@
 This is the form the Qwen2.5/Qwen3 (and Hermes) chat templates ask models to write. One
 incremental parser serves streaming and non-streaming alike, so both give the same answer:
 text outside tool-call tags is content, each well-formed tag is a tool call, and a tag whose
-body is not a JSON object with a string "name" stays in the content verbatim.
+body is not a JSON object with a string "name" stays in the content verbatim; so does a call
+of a function the request did not declare (`names`), and any call past `max_calls`
+(parallel_tool_calls false: one).
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ class ToolCallParser:
     such as "Let me check.\\n" before a call comes back as "Let me check.").
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: set[str] | None = None, max_calls: int | None = None) -> None:
+        self.names = names  # None: any name
+        self.max_calls = max_calls  # None: no limit
         self._buffer = ""
         self._in_call = False
         self._held_whitespace = ""
@@ -87,6 +91,14 @@ class ToolCallParser:
 
     def _close_call(self, body: str, out: list[str], calls: list[ToolCall], closed: bool) -> None:
         call = parse_tool_call_body(body)
+        if call is not None and self.names is not None and call.name not in self.names:
+            call = None
+        if (
+            call is not None
+            and self.max_calls is not None
+            and self.num_tool_calls >= self.max_calls
+        ):
+            call = None
         if call is None:
             self._emit(TOOL_CALL_START + body + (TOOL_CALL_END if closed else ""), out)
             return
@@ -138,9 +150,11 @@ class ToolCallParser:
         return "".join(out), calls
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(
+    text: str, names: set[str] | None = None, max_calls: int | None = None
+) -> tuple[str | None, list[ToolCall]]:
     """Non-streaming: (content or None when only tool calls were written, tool calls)."""
-    parser = ToolCallParser()
+    parser = ToolCallParser(names, max_calls)
     content, calls = parser.push(text)
     rest, more = parser.finish()
     content += rest

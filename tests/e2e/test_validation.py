@@ -77,9 +77,21 @@ SAMPLING_RULES = [
     ({"skip_special_tokens": "no"}, "skip_special_tokens"),
     ({"user": 5}, "user"),
     ({"model": 5}, "model"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {}}},
+        "response_format.json_schema.name",
+    ),
     ({"response_format": {"type": "xml"}}, "response_format"),
+    (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+            }
+        },
+        "response_format",
+    ),
+    ({"guided_regex": "a("}, "guided_regex"),
     ({"max_tokens": 5000}, None),  # over the context: param is the prompt field, checked below
 ]
 
@@ -141,9 +153,9 @@ CHAT_RULES = [
         {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
         "tools[0].function.parameters",
     ),
-    ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
     (
-        {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+        {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
         "tool_choice",
     ),
     ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),

@@ -19,6 +19,7 @@ from typing import Any
 
 from model.errors import EngineError, TemplateError
 from model.sampling_params import SamplingParams, check_prompt_ids, resolve_max_tokens
+from model.structured import GrammarCompiler, VocabIndex
 from model.text.chat_prompt import ChatPrompt, SpecialTokenText, encode_chat_prompt
 
 IM_END, IM_START, BOS = 256, 257, 258
@@ -176,6 +177,7 @@ class FakeEngine:
         self.closed_early: list[str] = []
         self.running: set[str] = set()
         self._wakers: dict[str, asyncio.Event] = {}
+        self._grammar_compiler: GrammarCompiler | None = None
 
     # ---- the EngineClient interface ---------------------------------------------------------
 
@@ -201,6 +203,12 @@ class FakeEngine:
         waker = self._wakers.get(request_id)
         if waker is not None:
             waker.set()
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            tokens = [self.tokenizer.token_bytes(i) for i in range(VOCAB_SIZE)]
+            self._grammar_compiler = GrammarCompiler(VocabIndex(tokens, set(SPECIALS)))
+        return self._grammar_compiler
 
     def stats(self) -> SimpleNamespace:
         return SimpleNamespace(

@@ -64,7 +64,12 @@ def async_engine() -> AsyncEngine:
 
 
 def test_protocols_name_members():
-    assert set(methods(engine_client.EngineClient)) == {"generate", "abort", "stats"}
+    assert set(methods(engine_client.EngineClient)) == {
+        "generate",
+        "abort",
+        "stats",
+        "grammar_compiler",
+    }
     assert attributes(engine_client.EngineClient) == {"tokenizer", "model_config", "max_model_len"}
     assert set(methods(engine_client.Tokenizer)) == {
         "encode",

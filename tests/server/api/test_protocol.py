@@ -18,6 +18,10 @@ from server.http.errors import HTTPError
 USER = [{"role": "user", "content": "hi"}]
 
 
+S = {"type": "integer"}
+TOOL_F = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
 def chat(**fields):
     return {"model": "m", "messages": USER, **fields}
 
@@ -72,9 +76,33 @@ COMMON_BAD = [
     ({"min_tokens": -1}, "min_tokens"),
     ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
     ({"user": 5}, "user"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ({"response_format": "json"}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {}}},
+        "response_format.json_schema.name",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
+        "response_format.json_schema.schema",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": 1}}},
+        "response_format.json_schema.strict",
+    ),
     ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"structured_outputs": []}, "structured_outputs"),
+    ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"structured_outputs": {"choice": [1]}}, "structured_outputs.choice"),
+    ({"structured_outputs": {"json": "{"}}, "structured_outputs.json"),
+    ({"guided_json": "{"}, "guided_json"),
+    ({"guided_json": 5}, "guided_json"),
+    ({"guided_regex": 5}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_grammar": "root ::= x"}, "guided_grammar"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
     ({"model": 5}, "model"),
 ]
 
@@ -89,13 +117,41 @@ def test_completion_bad_field(fields, param):
     assert_400(parse_completion_request, completion(**fields), param)
 
 
-def test_response_format_message():
-    assert_400(
-        parse_chat_request,
-        chat(response_format={"type": "json_object"}),
-        "response_format",
-        "not supported yet",
-    )
+STRUCTURED_OK = [
+    ({"response_format": {"type": "text"}}, None),
+    ({"response_format": {"type": "json_object"}}, ("json_object", None, "response_format")),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True}}},
+        ("json_schema", {}, "response_format"),
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": S}}},
+        ("json_schema", S, "response_format"),
+    ),
+    ({"structured_outputs": {"json": S}}, ("json_schema", S, "structured_outputs")),
+    (
+        {"structured_outputs": {"json": '{"type": "integer"}'}},
+        ("json_schema", S, "structured_outputs"),
+    ),
+    ({"structured_outputs": {"regex": "a+"}}, ("regex", "a+", "structured_outputs")),
+    ({"structured_outputs": {"choice": ["a", "b"]}}, ("choice", ["a", "b"], "structured_outputs")),
+    ({"structured_outputs": {"json_object": True}}, ("json_object", None, "structured_outputs")),
+    ({"guided_json": S}, ("json_schema", S, "guided_json")),
+    ({"guided_regex": "a+"}, ("regex", "a+", "guided_regex")),
+    ({"guided_choice": ["a"]}, ("choice", ["a"], "guided_choice")),
+]
+
+
+@pytest.mark.parametrize(("fields", "expected"), STRUCTURED_OK)
+@pytest.mark.parametrize("parse", [parse_chat_request, parse_completion_request])
+def test_structured_fields_parse_into_one_spec(parse, fields, expected):
+    body = chat(**fields) if parse is parse_chat_request else completion(**fields)
+    structured = parse(body, 16).structured
+    if expected is None:
+        assert structured is None
+    else:
+        kind, value, param = expected
+        assert (structured.spec.kind, structured.spec.value, structured.param) == expected
 
 
 CHAT_BAD = [
@@ -176,6 +232,13 @@ CHAT_BAD = [
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
+    (
+        {"tools": [TOOL_F], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        "tool_choice",
+    ),
+    ({"tools": [TOOL_F], "tool_choice": {"type": "function"}}, "tool_choice"),
+    ({"tools": [TOOL_F], "tool_choice": "required", "guided_regex": "a"}, "guided_regex"),
+    ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
     ({"chat_template_kwargs": []}, "chat_template_kwargs"),
 ]
 
@@ -366,3 +429,19 @@ def test_tokenize_and_detokenize_requests():
     with pytest.raises(HTTPError) as info:
         parse_detokenize_request({"tokens": ["a"]})
     assert info.value.param == "tokens"
+
+
+def test_tool_choice_required_and_named_build_the_tool_call_spec():
+    tool_g = {"type": "function", "function": {"name": "g"}}
+    req = parse_chat_request(chat(tools=[TOOL_F, tool_g], tool_choice="required"), 16)
+    assert req.tool_choice == "required" and req.parses_tool_calls
+    assert req.structured.param == "tools" and req.structured.spec.kind == "sequence"
+    assert len(req.structured.spec.value[1]["json_schema"]["anyOf"]) == 2
+    named = {"type": "function", "function": {"name": "g"}}
+    req = parse_chat_request(chat(tools=[TOOL_F, tool_g], tool_choice=named), 16)
+    assert (req.tool_choice, req.tool_name) == ("function", "g")
+    branches = req.structured.spec.value[1]["json_schema"]["anyOf"]
+    assert [b["properties"]["name"] for b in branches] == [{"const": "g"}]
+    auto = parse_chat_request(chat(tools=[TOOL_F], parallel_tool_calls=False), 16)
+    assert auto.structured is None and not auto.parallel_tool_calls
+    assert auto.tool_names == {"f"}
