@@ -56,6 +56,14 @@ def _key_or_none(text: str) -> str | None:
     return text or None
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    """'a, b,c' -> ('a', 'b', 'c'): list flags take one comma-separated value."""
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return values
+
+
 def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     from model.engine.config import DTYPES, EngineConfig
     from server.api.handlers import APIState
@@ -131,6 +139,13 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     ]
     for flag, name, kind in server_flags:
         add_config_flag(serve, flag, ServerConfig, name, type=kind)
+    cors_flags = [
+        ("--allowed-origins", "allowed_origins", "CORS: origins allowed, comma-separated"),
+        ("--allowed-methods", "allowed_methods", "CORS: methods a preflight may ask for"),
+        ("--allowed-headers", "allowed_headers", "CORS: request headers a preflight may ask for"),
+    ]
+    for flag, name, help_text in cors_flags:
+        add_config_flag(serve, flag, ServerConfig, name, type=comma_list, help=help_text)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

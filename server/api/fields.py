@@ -14,6 +14,10 @@ from model.errors import RequestRejected
 from model.sampling_params import is_int, is_number
 from server.http.errors import HTTPError
 
+# A float this large is an integer literal orjson could not hold in 64 bits (or out of
+# range anyway).
+_TWO_POW_63 = float(1 << 63)
+
 
 def bad_request(param: str | None, message: str) -> HTTPError:
     return HTTPError(400, message, param=param)
@@ -68,6 +72,16 @@ class Fields:
         if value is None:
             return default
         if not is_int(value):
+            # orjson reads an integer literal past 64 bits as a float: a whole number beyond
+            # a bounded field's range is out of range, not of the wrong type.
+            if (
+                lo is not None
+                and hi is not None
+                and isinstance(value, float)
+                and value.is_integer()
+                and (value < lo or value > hi or abs(value) >= _TWO_POW_63)
+            ):
+                raise self._out_of_range(name, value, lo, hi)
             raise self._wrong_type(name, "an integer", value)
         self._check_range(name, value, lo, hi)
         return value
@@ -86,14 +100,16 @@ class Fields:
     def _check_range(self, name, value, lo, hi, lo_open: bool = False) -> None:
         too_low = lo is not None and (value <= lo if lo_open else value < lo)
         if too_low or (hi is not None and value > hi):
-            if hi is None:
-                bounds = f"{'>' if lo_open else '>='} {lo}"
-            else:
-                bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
-            raise bad_request(
-                self.param(name),
-                f"Invalid '{self.param(name)}': {value!r} is out of range {bounds}.",
-            )
+            raise self._out_of_range(name, value, lo, hi, lo_open)
+
+    def _out_of_range(self, name, value, lo, hi, lo_open: bool = False) -> HTTPError:
+        if hi is None:
+            bounds = f"{'>' if lo_open else '>='} {lo}"
+        else:
+            bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        return bad_request(
+            self.param(name), f"Invalid '{self.param(name)}': {value!r} is out of range {bounds}."
+        )
 
 
 # Deeper client JSON is refused before any recursive code (templates, our own copies) sees it.

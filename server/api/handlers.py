@@ -65,6 +65,18 @@ class APIState:
         return self.draining or any(getattr(s, "is_draining", False) for s in servers)
 
 
+def engine_request_id(prefix: str, request: Request) -> str:
+    """The response `id` and engine request id, derived from the HTTP request id.
+
+    A client's X-Request-Id may repeat (the engine refuses a running duplicate), so an
+    echoed one gets a random suffix; the server's own ids are uuid4 hex, unique already.
+    """
+    request_id = request.request_id
+    if request.headers.get("x-request-id") == request_id:
+        return f"{prefix}-{request_id}-{uuid.uuid4().hex[:12]}"
+    return f"{prefix}-{request_id}"
+
+
 class OpenAIAPI:
     def __init__(self, state: APIState) -> None:
         self.state = state
@@ -131,7 +143,7 @@ class OpenAIAPI:
         prompt_ids = chat_prompt(engine.tokenizer, req)
         sampling = await compile_structured(engine, req.sampling, req.structured)
         params = resolve_params(engine, [prompt_ids], sampling, "messages")
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = engine_request_id("chatcmpl", request)
         output = ChatOutput(
             req, engine.tokenizer, self._meta(request_id, model), [len(prompt_ids)], tracker
         )
@@ -147,7 +159,7 @@ class OpenAIAPI:
         prompts, echo_texts = completion_prompts(engine, req)
         sampling = await compile_structured(engine, req.sampling, req.structured)
         params = resolve_params(engine, prompts, sampling, "prompt")
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = engine_request_id("cmpl", request)
         output = CompletionOutput(
             req,
             engine.tokenizer,

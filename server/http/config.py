@@ -1,4 +1,4 @@
-"""The HTTP server's configuration: address, API key, limits and timeouts."""
+"""The HTTP server's configuration: address, API key, CORS, limits and timeouts."""
 
 from __future__ import annotations
 
@@ -21,8 +21,20 @@ class ServerConfig:
     max_header_fields: int = 100
     max_request_line_bytes: int = 8 * 1024
     write_high_water_bytes: int = 64 * 1024
+    # CORS (cors.py): "*" allows any origin / method / header, as vLLM and llama-server do.
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
 
     def __post_init__(self) -> None:
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            values = getattr(self, name)
+            if isinstance(values, str):
+                raise ValueError(f"{name} must be a list of strings, got {values!r}")
+            values = tuple(v.strip() for v in values if v.strip())
+            if not values:
+                raise ValueError(f"{name} must name at least one value (or '*')")
+            setattr(self, name, values)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.api_key is not None and not self.api_key:

@@ -17,22 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 from urllib.parse import unquote
 
 import h11
 
+from server.http.access_log import log_access
 from server.http.auth import AUTH_EXEMPT_PATHS
+from server.http.cors import answer_preflight, is_preflight
 from server.http.errors import HTTPError, raw_error_response
 from server.http.exchange import Cycle, Outcome, run_cycle, send_error
 from server.http.flow_control import FlowControl
+from server.http.limits import head_rejection
 from server.http.messages import Request
+from server.http.request_id import new_request_id, request_id_line, request_id_of
 from server.http.state import ServerState
 from server.http.wire import decode_head, new_parser, wants_keep_alive
 
 logger = logging.getLogger("nanoserve.http")
-access_logger = logging.getLogger("nanoserve.access")
 
 IDLE, BODY, BUSY, CLOSING = 0, 1, 2, 3
 
@@ -78,7 +80,14 @@ class HTTPProtocol(asyncio.Protocol):
         connections.add(self)  # refused ones too, so shutdown closes them
         if is_over_limit:
             logger.warning("max_connections=%d reached, refusing", self.config.max_connections)
-            transport.write(raw_error_response(503, "Too many connections, retry later"))
+            transport.write(
+                raw_error_response(
+                    503,
+                    "Too many connections, retry later",
+                    (),
+                    request_id_line(new_request_id()),
+                )
+            )
             self._linger_close()
             return
         transport.set_write_buffer_limits(high=self.config.write_high_water_bytes)
@@ -217,6 +226,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._set_deadline(config.body_timeout_s)
         path, query, headers, num_header_bytes = decode_head(event.target, event.headers)
         self.cycle = cycle = Cycle()
+        request_id = request_id_of(headers.get("x-request-id"))
         cycle.request = request = Request(
             event.method.decode("ascii"),
             unquote(path) if "%" in path else path,
@@ -227,21 +237,21 @@ class HTTPProtocol(asyncio.Protocol):
             self.client,
             state,
             cycle,
+            request_id,
         )
+        cycle.server_head = request_id_line(request_id)
+        origin = headers.get("origin")
+        is_cors_preflight = origin is not None and is_preflight(request.method, headers)
+        if origin is not None and not is_cors_preflight:
+            cycle.server_head += state.cors.response_head(origin)
         cycle.keep_alive = wants_keep_alive(event.http_version, headers.get("connection"))
-        if len(event.method) + len(event.target) + 10 > config.max_request_line_bytes:
-            self._reject(414, "Request line too long")
-        elif len(event.headers) > config.max_header_fields:
-            self._reject(431, f"Too many header fields (limit {config.max_header_fields})")
-        elif num_header_bytes > config.max_header_bytes:
-            self._reject(431, "Request header fields too large")
-        elif "content-length" in headers and "transfer-encoding" in headers:
-            # RFC 9112 6.1: the two framings may disagree (request smuggling): refuse and close.
-            self._reject(400, "Content-Length and Transfer-Encoding must not both be sent")
-        elif int(headers.get("content-length", 0)) > config.max_body_bytes:
-            self._reject(413, f"Request body too large (limit {config.max_body_bytes} bytes)")
+        rejection = head_rejection(event, headers, num_header_bytes, config)
+        if rejection is not None:
+            self._reject(*rejection)
         elif state.is_draining:
             self._reject(503, "Server is shutting down")
+        elif is_cors_preflight:
+            cycle.handler = answer_preflight
         else:
             try:
                 check_auth = state.check_auth
@@ -336,22 +346,9 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _log_access(self, cycle: Cycle) -> None:
         """One access-log line per request (once, however the request ended)."""
-        if cycle.is_logged:
-            return
-        cycle.is_logged = True
-        request = cycle.request
-        if request is not None and access_logger.isEnabledFor(logging.INFO):
-            client = self.client
-            access_logger.info(
-                '%s:%d - "%s %s" %d %d %.1fms',
-                client[0] if client else "-",
-                client[1] if client else 0,
-                request.method,
-                request.path,
-                cycle.status,
-                cycle.num_bytes_sent,
-                (time.perf_counter() - cycle.started_at) * 1000.0,
-            )
+        if not cycle.is_logged:
+            cycle.is_logged = True
+            log_access(self.client, cycle)
 
     # ---- closing
 
@@ -359,8 +356,10 @@ class HTTPProtocol(asyncio.Protocol):
         """Answer a request we will not read further with an error, then close."""
         if self.is_closed or self.phase == CLOSING:
             return
-        self.transport.write(raw_error_response(status, message, headers))
         cycle = self.cycle
+        # No cycle: the head was not parsed (too long, malformed), so no id or Origin was seen.
+        server_head = request_id_line(new_request_id()) if cycle is None else cycle.server_head
+        self.transport.write(raw_error_response(status, message, headers, server_head))
         self.cycle = None
         if cycle is not None:
             cycle.status = status

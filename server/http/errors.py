@@ -105,11 +105,16 @@ class HTTPError(Exception):
 
 
 def raw_error_response(
-    status: int, message: str, headers: list[tuple[str, str]] | tuple = ()
+    status: int,
+    message: str,
+    headers: list[tuple[str, str]] | tuple = (),
+    server_head: bytes = b"",
 ) -> bytes:
-    """A complete HTTP/1.1 error response that closes the connection (no parser state needed)."""
+    """A complete HTTP/1.1 error response that closes the connection (no parser state needed).
+
+    `server_head`: head lines the server adds (request id, CORS), already encoded."""
     body = error_body(status, message)
-    head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))]
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"")), server_head]
     head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
     headers = with_retry_after(status, list(headers))
     head.extend(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)

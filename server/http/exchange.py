@@ -57,6 +57,7 @@ class Cycle(RequestCycle):
         "status",
         "num_bytes_sent",
         "is_logged",
+        "server_head",
     )
 
     def __init__(self) -> None:
@@ -72,6 +73,8 @@ class Cycle(RequestCycle):
         self.status = 0
         self.num_bytes_sent = 0
         self.is_logged = False
+        # Head lines the server adds to every response: x-request-id, CORS (connection.py).
+        self.server_head = b""
 
 
 async def aclose_iterator(iterator: Any) -> None:
@@ -160,14 +163,20 @@ def send_response(
         cycle.keep_alive = False
     try:
         data = response_bytes(
-            status, content_type, body, headers, cycle.keep_alive, cycle.request.method == "HEAD"
+            status,
+            content_type,
+            body,
+            headers,
+            cycle.keep_alive,
+            cycle.request.method == "HEAD",
+            cycle.server_head,
         )
     except ValueError:
         logger.exception("invalid response from handler for %s", cycle.request.path)
         status = 500
         body = INTERNAL_ERROR.body()
         cycle.keep_alive = False
-        data = raw_error_response(500, INTERNAL_ERROR.message)
+        data = raw_error_response(500, INTERNAL_ERROR.message, (), cycle.server_head)
     transport.write(data)
     cycle.status = status
     cycle.num_bytes_sent = len(body)
@@ -222,13 +231,18 @@ async def stream_response(
         cycle.keep_alive = False
     try:
         head = stream_head(
-            response.status, response.content_type, response.headers, cycle.keep_alive, is_chunked
+            response.status,
+            response.content_type,
+            response.headers,
+            cycle.keep_alive,
+            is_chunked,
+            cycle.server_head,
         )
     except ValueError:
         logger.exception("invalid streaming response from handler for %s", cycle.request.path)
         await aclose_iterator(iterator)
         cycle.status = 500
-        transport.write(raw_error_response(500, "Internal server error"))
+        transport.write(raw_error_response(500, "Internal server error", (), cycle.server_head))
         return Outcome.BROKEN
     cycle.status = response.status
     cycle.response_started = True

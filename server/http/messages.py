@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from server.http.errors import HTTPError
+from server.http.request_id import new_request_id
 
 logger = logging.getLogger("nanoserve.http")
 
@@ -69,6 +70,9 @@ class Request:
     # The serving server's ServerState (None in unit tests); handlers read .is_draining.
     server: Any = field(default=None, repr=False)
     cycle: RequestCycle = field(default_factory=RequestCycle, repr=False)
+    # The client's X-Request-Id when valid, else a new one (request_id.py); sent back as
+    # x-request-id. Not unique: clients may send the same id twice.
+    request_id: str = field(default_factory=new_request_id)
 
     def json(self) -> Any:
         """The body parsed with orjson; HTTPError 400 when it is not valid JSON."""

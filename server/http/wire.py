@@ -70,9 +70,12 @@ def body_allowed(status: int) -> bool:
 
 
 def _head_parts(
-    status_line: bytes, content_type: bytes, headers: list[tuple[bytes, bytes]]
+    status_line: bytes,
+    content_type: bytes,
+    headers: list[tuple[bytes, bytes]],
+    server_head: bytes,
 ) -> list[bytes]:
-    parts = [status_line]
+    parts = [status_line, server_head]
     has_content_type = False
     for name, value in headers:
         if name in FRAMING_HEADERS:
@@ -82,7 +85,7 @@ def _head_parts(
         has_content_type = has_content_type or name == b"content-type"
         parts += (name, b": ", value, b"\r\n")
     if not has_content_type:
-        parts.insert(1, b"content-type: %s\r\n" % content_type)
+        parts.insert(2, b"content-type: %s\r\n" % content_type)
     return parts
 
 
@@ -100,17 +103,22 @@ def response_bytes(
     headers: list[tuple[bytes, bytes]],
     keep_alive: bool,
     is_head: bool,
+    server_head: bytes = b"",
 ) -> bytes:
-    """A complete response with Content-Length; raises ValueError on an invalid header."""
+    """A complete response with Content-Length; raises ValueError on an invalid header.
+
+    `server_head`: head lines the server adds (request id, CORS), already valid and encoded.
+    """
     status_line = _status_line(status)
     if not headers and keep_alive and body_allowed(status):
-        head = b"%scontent-type: %s\r\ncontent-length: %d\r\n\r\n" % (
+        head = b"%s%scontent-type: %s\r\ncontent-length: %d\r\n\r\n" % (
             status_line,
+            server_head,
             content_type,
             len(body),
         )
         return head if is_head else head + body
-    parts = _head_parts(status_line, content_type, headers)
+    parts = _head_parts(status_line, content_type, headers, server_head)
     if body_allowed(status):
         parts.append(b"content-length: %d\r\n" % len(body))
     else:
@@ -129,9 +137,10 @@ def stream_head(
     headers: list[tuple[bytes, bytes]],
     keep_alive: bool,
     is_chunked: bool,
+    server_head: bytes = b"",
 ) -> bytes:
     """The head of a body of unknown length: chunked for HTTP/1.1 peers, else close-delimited."""
-    parts = _head_parts(_status_line(status), content_type, headers)
+    parts = _head_parts(_status_line(status), content_type, headers, server_head)
     if is_chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     if not keep_alive or not is_chunked:

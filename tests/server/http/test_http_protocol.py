@@ -118,10 +118,10 @@ def simple_router(**handlers) -> Router:
 def test_exact_response_bytes():
     async def main():
         _, proto, t = open_connection(simple_router())
-        proto.data_received(request_bytes("GET", "/m"))
+        proto.data_received(request_bytes("GET", "/m", headers={"X-Request-Id": "r1"}))
         await settle()
         assert t.take() == (
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"HTTP/1.1 200 OK\r\nx-request-id: r1\r\ncontent-type: application/json\r\n"
             b'content-length: 11\r\n\r\n{"ok":true}'
         )
         assert not t.is_closed
@@ -332,12 +332,16 @@ def test_head_and_204_responses():
 
     async def main():
         _, proto, t = open_connection(simple_router(empty=empty))
-        proto.data_received(request_bytes("HEAD", "/m") + request_bytes("GET", "/empty"))
+        rid = {"X-Request-Id": "r"}
+        proto.data_received(
+            request_bytes("HEAD", "/m", headers=rid) + request_bytes("GET", "/empty", headers=rid)
+        )
         await settle()
         data = t.take()
         assert data == (
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n"
-            b"HTTP/1.1 204 No Content\r\ncontent-type: application/json\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nx-request-id: r\r\ncontent-type: application/json\r\n"
+            b"content-length: 11\r\n\r\n"
+            b"HTTP/1.1 204 No Content\r\nx-request-id: r\r\ncontent-type: application/json\r\n\r\n"
         )
 
     run(main())
@@ -398,6 +402,7 @@ def test_draining_server_answers_503_and_closes():
         proto.data_received(request_bytes("GET", "/m"))
         reply = BytesReader(t.take()).read_response()
         assert reply.status == 503 and reply.json()["error"]["type"] == "service_unavailable"
+        assert reply.headers["retry-after"] == "1"
         assert t.is_eof
 
     run(main())

@@ -556,6 +556,8 @@ def test_max_connections_gets_503():
             reply = c.read_response()
             assert reply.status == 503
             assert reply.json()["error"]["type"] == "service_unavailable"
+            assert reply.headers["retry-after"] == "1"
+            assert len(reply.headers["x-request-id"]) == 32
             assert c.is_closed_by_server()
         assert a.request("GET", "/v1/models").status == 200
 
