@@ -2,8 +2,14 @@
 
 Nodes are the distinct prefixes of the token byte strings, numbered by depth, so each level
 is one contiguous run and a level-by-level walk is a few whole-array gathers (a node's state
-is its parent's state advanced by its byte). Node 0 is the root (the empty prefix). Tokens with no bytes (special tokens, whose bytes the caller leaves out) map to
-the root, which no walk ever marks as allowed.
+is its parent's state advanced by its byte). Node 0 is the root (the empty prefix). Tokens
+with no bytes (special tokens, whose bytes the caller leaves out) map to the root, which no
+walk ever marks as allowed.
+
+Plain nodes are the prefixes made only of PLAIN_BYTES (printable ASCII but the quote and the
+backslash: the free text of a JSON string). In a state where every plain byte loops back to
+the state itself, every plain node keeps that state, and a walk visits only the others
+(masks.py): most of a vocabulary, inside a string, at the price of a fill.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+PLAIN_BYTES = np.array([b for b in range(0x20, 0x7F) if b not in b'"\\'], dtype=np.intp)
 
 
 class VocabIndex:
@@ -50,6 +58,23 @@ class VocabIndex:
         self.token_node = np.array([node_of[t] for t in tokens], dtype=np.intp)
         self.num_nodes = num_nodes
         self.token_bytes = tokens
+        is_plain_byte = np.zeros(256, dtype=bool)
+        is_plain_byte[PLAIN_BYTES] = True
+        is_plain = is_plain_byte[self.node_byte]
+        is_plain[0] = True
+        starts = self.level_start
+        for k in range(1, len(starts) - 1):
+            lo, hi = starts[k], starts[k + 1]
+            is_plain[lo:hi] &= is_plain[self.parent[lo:hi]]
+        # Per depth, the nodes that are not plain (a walk from a plain-looping state).
+        self.other_nodes = [
+            np.flatnonzero(~is_plain[starts[k] : starts[k + 1]]) + starts[k]
+            for k in range(len(starts) - 1)
+        ]
+        self.num_plain_nodes = int(is_plain.sum())
+        # Nodes sorted by (depth, bytes) have nondecreasing parents, so the children of node
+        # n are the ids child_start[n] .. child_start[n + 1] - 1.
+        self.child_start = np.searchsorted(self.parent[1:], np.arange(num_nodes + 1)) + 1
 
     @classmethod
     def from_tokenizer(cls, tokenizer: object, vocab_size: int | None = None) -> VocabIndex:

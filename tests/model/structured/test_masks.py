@@ -80,6 +80,30 @@ def test_masks_equal_brute_force(tiny, default_vocab, name):
             state = grammar.masker.next_state(state, int(rng.choice(allowed)))
 
 
+@pytest.mark.parametrize(
+    "name", ["string", "string-min-max", "object-free", "empty-schema", "pydantic-person", "enum"]
+)
+def test_plain_chain_walk_equals_the_full_walk(tiny, default_vocab, name):
+    """From states where plain bytes all lead to one state per depth (string text, bounded or
+    not), the short walk visits only the non-plain nodes; it must give the same masks."""
+    for vocab in (tiny, default_vocab):
+        grammar = GrammarCompiler(vocab).compile(StructuredSpec("json_schema", CORPUS[name]))
+        automaton, masker = grammar.automaton, grammar.masker
+        table = automaton.flat_table.astype(np.intp)
+        num_short = 0
+        for state in range(1, min(automaton.num_states, 120)):
+            chain = masker._plain_chain(state)
+            if chain is None:
+                continue
+            num_short += 1
+            short = masker._walk_others(chain, table)
+            assert (short == masker._walk_levels(state, table)).all()
+            if vocab is tiny:
+                assert (short == brute_force(automaton, vocab, state)).all()
+        if name != "enum":
+            assert num_short, "string text has states the short walk serves"
+
+
 def test_tokens_spanning_lexemes_and_split_characters(tiny):
     schema = {
         "type": "object",
