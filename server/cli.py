@@ -146,6 +146,9 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     ]
     for flag, name, help_text in cors_flags:
         add_config_flag(serve, flag, ServerConfig, name, type=comma_list, help=help_text)
+    serve.add_argument(
+        "--no-webui", dest="webui", action="store_false", help="no chat page at / (it is a 404)"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -267,7 +270,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state = config_from_args(args, APIState, served_model_names=[model_name])
     except ValueError as exc:
         return fail(str(exc), 2)
-    return serve(engine_config, server_config, state)
+    return serve(engine_config, server_config, state, webui=args.webui)
 
 
 def main(argv: list[str] | None = None) -> int:

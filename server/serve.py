@@ -13,6 +13,7 @@ from server.api.handlers import APIState, build_router
 from server.http.config import ServerConfig
 from server.http.routing import Router
 from server.http.server import run_server
+from server.webui.routes import add_webui_routes
 
 if TYPE_CHECKING:
     from model.engine.config import EngineConfig
@@ -20,11 +21,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger("nanoserve")
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig, state: APIState) -> int:
-    """Serve `state`'s API on server_config's address; the engine loads once the socket is bound."""
+def serve(
+    engine_config: EngineConfig, server_config: ServerConfig, state: APIState, webui: bool = True
+) -> int:
+    """Serve `state`'s API (and the chat page at / unless not `webui`) on server_config's
+    address; the engine loads once the socket is bound."""
     model_dir = engine_config.model_dir
     model_name = state.served_model_names[0]
     router = build_router(state, Router())
+    if webui:
+        add_webui_routes(router)
     failure: list[int] = []
 
     async def on_startup() -> None:
@@ -41,7 +47,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, state: APISt
             return
         state.engine = async_engine
         engine = async_engine.engine
-        print_summary(engine, model_name, server_config, engine.load_time_s)
+        print_summary(engine, model_name, server_config, engine.load_time_s, webui)
 
     async def on_shutdown() -> None:
         if state.engine is not None:
@@ -51,7 +57,9 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, state: APISt
     return failure[0] if failure else code
 
 
-def print_summary(engine, model_name: str, config: ServerConfig, load_time_s: float) -> None:
+def print_summary(
+    engine, model_name: str, config: ServerConfig, load_time_s: float, webui: bool = True
+) -> None:
     cfg = engine.config
     kv_tokens = engine.num_kv_tokens
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -68,5 +76,7 @@ def print_summary(engine, model_name: str, config: ServerConfig, load_time_s: fl
         f"  listening    http://{host}:{config.port}/v1"
         + ("  (API key required)" if config.api_key else ""),
     ]
+    if webui:
+        lines.append(f"  chat page    http://{host}:{config.port}/")
     print("\n".join(lines), file=sys.stderr, flush=True)
     logger.debug("summary printed at %.3f", time.monotonic())

@@ -1,7 +1,7 @@
 """The API-key check: "Authorization: Bearer <key>", compared in constant time.
 
 The connection runs it on every request head whose path is not in AUTH_EXEMPT_PATHS
-(health checks and metrics scrapers carry no key), before the body is read.
+(health checks, metrics scrapers, the chat page), before the body is read.
 """
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ from collections.abc import Callable
 
 from server.http.errors import HTTPError
 
-AUTH_EXEMPT_PATHS = frozenset({"/health", "/metrics"})
+# Health checks and metrics scrapers carry no key; the chat page and its files hold no data
+# (the page asks for the key when the API answers 401).
+AUTH_EXEMPT_PATHS = frozenset(
+    {"/health", "/metrics", "/", "/webui/app.js", "/webui/markdown.js", "/webui/style.css"}
+)
 
 AuthCheck = Callable[[str | None], None]
 

@@ -1,0 +1,1 @@
+"""The built-in chat page: static files served at `/` (see routes.py)."""
