@@ -1,7 +1,7 @@
 """Structured outputs: compile time per schema and mask time per step, on the default
 vocabulary (49k) and a 150k one.
 
-    .venv/bin/python bench/structured_bench.py [--walks 3] [--max-tokens 100]
+    .venv/bin/python bench/structured_bench.py [--walks 3] [--max-tokens 100] [--http]
 
 Compile: ``compile_automaton`` per corpus schema (tests/model/structured/corpus.py), p50/max
 (targets 20 ms / 200 ms on the default vocabulary). Masks: random walks (uniformly random
@@ -12,6 +12,12 @@ miss the first time), at batch 1 and 16 (16 independent walks in lockstep, one
 cost of an unconstrained greedy step without any grammar), measured in the same run.
 The 150k vocabulary is the default one extended with concatenations of two random default
 tokens (fixed seed) up to 151,643 tokens (Qwen2's count): longer tokens, a deeper trie.
+
+--http: through a launched server (the default model), --concurrency streams of the same
+completion requests (bench/serve_bench.py's workload: distinct prompts ending in a count,
+`ignore_eos`, `min_tokens` = max_tokens = --output-len) unconstrained and then constrained by
+a JSON schema (an array of at least 1,000 integers, so that no answer can end early), both in
+one run; TPOT p50/p99 of each and their ratio (target constrained <= 1.10x).
 """
 
 from __future__ import annotations
@@ -120,12 +126,49 @@ def bench_argmax(vocab_size: int, seed: int, num_steps: int = 2000) -> float:
     return (time.perf_counter() - start) * 1e3 / num_steps
 
 
+HTTP_SCHEMA = {"type": "array", "items": {"type": "integer"}, "minItems": 1000}
+
+
+def bench_http(args: argparse.Namespace) -> None:
+    from bench.common import free_port, launched, load_average
+    from bench.serve_bench import Target, bench_level, ours_command, served_model, warm_up
+
+    args.prompt_len, args.num_requests, args.model_dir = 128, 2 * args.concurrency, None
+    port = free_port()
+    cmd = ours_command(args, port)
+    print(
+        f"http: {args.concurrency} streams, {args.output_len} output tokens, load {load_average()}"
+    )
+    with launched(cmd, "/health", port, "nanoserve", 600.0) as url:
+        model = served_model(url, None)
+        plain = Target("plain", url, None, model=model)
+        schema = {"structured_outputs": {"json": HTTP_SCHEMA}}
+        constrained = Target("schema", url, None, schema, model=model)
+        levels = []
+        for i, target in enumerate((plain, constrained)):
+            warm_up(target, args)
+            args.seed += 1000 * i  # other prompts: no prefix-cache hits from the first run
+            levels.append(bench_level(target, args, args.concurrency))
+    for q in (50, 99):
+        a, b = (lv.tpot_ms(q) for lv in levels)
+        print(
+            f"TPOT p{q}: unconstrained {a:.1f} ms, schema-constrained {b:.1f} ms: {b / a:.2f}x (target <= 1.10x)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--walks", type=int, default=3, help="walks per schema (x batch)")
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--http", action="store_true", help="TPOT through a launched server")
+    parser.add_argument("--concurrency", type=int, default=16, help="--http: streams")
+    parser.add_argument("--output-len", type=int, default=128, help="--http: tokens per answer")
+    parser.add_argument("--server-args", default="", help="--http: extra `nanoserve serve` flags")
     args = parser.parse_args()
+    if args.http:
+        bench_http(args)
+        return
 
     print(f"compile ({len(CORPUS)} corpus schemas; the automaton is vocabulary-independent)")
     compile_ms = bench_compile()

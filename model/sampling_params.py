@@ -114,7 +114,8 @@ class SamplingParams:
     ValueError, names the field)."""
 
     n: int = 1
-    max_tokens: int | None = None  # None = rest of the context (resolve_max_tokens)
+    # None = rest of the context (resolve_max_tokens); 0 = score the prompt only (no sampling)
+    max_tokens: int | None = None
     temperature: float = 1.0  # 0 (or < GREEDY_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
@@ -125,6 +126,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
     logprobs: int | None = None  # None: none; 0: chosen token only; k: plus top-k alternatives
+    # The same for every prompt token after the first, from the raw logits (no bias, penalties
+    # or masks): what scoring a text needs. Such a sequence skips the prefix cache.
+    prompt_logprobs: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
@@ -140,7 +144,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, 1)
+            _check_int("max_tokens", self.max_tokens, 0)
         _check_float("temperature", self.temperature, 0.0, math.inf)
         _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_int("top_k", self.top_k, -1)
@@ -159,6 +163,8 @@ class SamplingParams:
             raise RequestRejected(f"seed must be an integer, got {self.seed!r}", "seed")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(

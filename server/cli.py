@@ -128,6 +128,14 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     add_config_flag(
         serve, "--max-n", APIState, "max_n", type=int, help="largest n a request may ask for"
     )
+    add_config_flag(
+        serve,
+        "--tool-prompt",
+        APIState,
+        "tool_prompt",
+        choices=["auto", "hermes", "none"],
+        help="tools in a Hermes system prompt: auto (when the chat template ignores them)",
+    )
     server_flags = [
         ("--max-body-bytes", "max_body_bytes", parse_bytes),
         ("--max-connections", "max_connections", int),

@@ -45,6 +45,7 @@ def serve(
             failure.append(2)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        async_engine.tokenizer.set_tool_prompt(state.tool_prompt)
         state.engine = async_engine
         engine = async_engine.engine
         print_summary(engine, model_name, server_config, engine.load_time_s, webui)
@@ -55,6 +56,15 @@ def serve(
 
     code = run_server(router, server_config, on_startup, on_shutdown)
     return failure[0] if failure else code
+
+
+def tools_summary(tokenizer) -> str:
+    if tokenizer.uses_tool_prompt:
+        why = "the chat template ignores tools" if not tokenizer.renders_tools else "--tool-prompt"
+        return f"Hermes tool prompt added by nanoserve ({why})"
+    if tokenizer.renders_tools:
+        return "rendered by the chat template"
+    return "not shown to the model (the chat template ignores them; --tool-prompt none)"
 
 
 def print_summary(
@@ -73,6 +83,7 @@ def print_summary(
         f"{cfg.block_size}; prefix caching {'on' if cfg.enable_prefix_caching else 'off'}",
         f"  context      {engine.max_model_len} tokens; up to {cfg.max_num_seqs} sequences, "
         f"{cfg.max_num_batched_tokens} tokens per step",
+        f"  tools        {tools_summary(engine.tokenizer)}",
         f"  listening    http://{host}:{config.port}/v1"
         + ("  (API key required)" if config.api_key else ""),
     ]

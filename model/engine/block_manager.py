@@ -9,7 +9,9 @@ h_i = hash_fn(h_{i-1}, tokens_i). Later sequences whose leading blocks hash the 
 reuse those blocks (ref count + 1) instead of recomputing them. A hash is only a
 hint: each registered block also stores its tokens and the registration key of
 its parent block, and a lookup checks both, so a hit is exact whatever the hash
-quality and a collision is only a miss. When its last reference goes, a
+quality and a collision is only a miss. A sequence that still needs its prompt's
+logprobs (`Sequence.needs_prompt_logprobs`) looks nothing up: a hit would skip the
+logits of the cached positions. When its last reference goes, a
 registered block keeps its contents and waits in an LRU list; it is evicted
 (forgotten) only when no plain free block is left.
 """
@@ -114,7 +116,7 @@ class BlockManager:
 
     def _lookup(self, seq: Sequence) -> list[int]:
         """Block ids of the seq's longest cached prefix, never covering its last token."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return []
         memo = self._memo
         if memo is not None and memo[:3] == (seq.seq_id, seq.num_tokens, self._cache_version):

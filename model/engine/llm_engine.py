@@ -1,9 +1,12 @@
 """The continuous-batching engine: LLMEngine's step() loop and its request bookkeeping.
 
-One step: `Scheduler.schedule()` picks the batch -> `ModelRunner.run(scheduled)` computes it
-and samples the sequences that reach their last token -> `Scheduler.update(...)` appends the
-sampled tokens (in batch order) to the sequences -> `OutputProcessor.process(...)` turns each
-token into a delta and says when a sequence is finished -> `Scheduler.finish(...)`.
+One step: `Scheduler.schedule()` picks the batch -> `ModelRunner.run(scheduled)` computes it,
+samples the sequences that reach their last token and scores the prompt tokens of those that
+asked for prompt logprobs (kept on the sequence until its first delta) -> `Scheduler.update(...)`
+appends the sampled tokens (in batch order) to the sequences -> `OutputProcessor.process(...)`
+turns each token into a delta and says when a sequence is finished -> `Scheduler.finish(...)`.
+A sequence with max_tokens 0 only scores its prompt: the step that completes the prompt ends it
+with "length" and no tokens.
 AsyncEngine (model.engine.async_engine) runs this loop in a thread.
 """
 
@@ -18,7 +21,13 @@ from model.engine.block_manager import BlockManager
 from model.engine.config import EngineConfig
 from model.engine.model_runner import ModelRunner
 from model.engine.output_processor import OutputProcessor
-from model.engine.outputs import EngineStats, GenerationDelta, Output, merge_deltas
+from model.engine.outputs import (
+    EngineStats,
+    GenerationDelta,
+    Output,
+    PromptLogprob,
+    merge_deltas,
+)
 from model.engine.scheduler import Scheduler, SchedulerConfig
 from model.engine.sequence import Sequence
 from model.errors import EngineError, RequestRejected
@@ -148,6 +157,8 @@ class LLMEngine:
             arrival_time=request.arrival_time,
             sampling_params=params,
         )
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [PromptLogprob(prompt_ids[0], None, None, [])]
         seed = None if params.seed is None else params.seed + index
         user_stop_ids = set(params.stop_token_ids)
         min_tokens_stop_ids = user_stop_ids | (set() if params.ignore_eos else self.stop_ids_eos)
@@ -197,20 +208,26 @@ class LLMEngine:
             for s in out.scheduled
             if s.seq.num_computed_tokens < s.seq.num_prompt_tokens
         )
-        if result is None:  # only prefill chunks that do not reach their end yet
-            self.scheduler.update(out, [])
-            return []
-        self.scheduler.update(out, result.token_ids)
+        for seq, entries in result.prompt_logprobs:
+            seq.prompt_logprobs.extend(entries)
+        sampled = result.sampled
+        token_ids = sampled.token_ids if sampled is not None else []
+        self.scheduler.update(out, token_ids)
         outputs: list[Output] = []
-        # The sampler's lists follow the sampling sequences in batch order.
-        for seq, token_id, logprob in zip(
-            out.sampling_seqs, result.token_ids, result.logprobs, strict=True
-        ):
-            delta = self.output_processor.process(seq, token_id, logprob)
-            if delta.finish_reason is not None:
-                self.scheduler.finish(seq, delta.finish_reason)
+        if sampled is not None:
+            # The sampler's lists follow the sampling sequences in batch order.
+            for seq, token_id, logprob in zip(
+                out.sampling_seqs, token_ids, sampled.logprobs, strict=True
+            ):
+                delta = self.output_processor.process(seq, token_id, logprob)
+                if delta.finish_reason is not None:
+                    self.scheduler.finish(seq, delta.finish_reason)
+                outputs.append((seq.request_id, delta))
+        for seq in out.scored_seqs:
+            delta = self.output_processor.finish_scored(seq)
+            self.scheduler.finish(seq, delta.finish_reason)
             outputs.append((seq.request_id, delta))
-        self.generation_tokens_total += len(result.token_ids)
+        self.generation_tokens_total += len(token_ids)
         self._drop_finished_requests(outputs)
         return outputs
 

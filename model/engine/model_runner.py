@@ -1,25 +1,43 @@
-"""Scheduled sequences -> flat batch tensors -> forward -> sampler.
+"""Scheduled sequences -> flat batch tensors -> forward -> sampler (and prompt scoring).
 
 The only place that makes tensors from `Sequence` objects: `run` reads the scheduler's output
 as it is (each sequence, its chunk size, whether it samples) and the sampling row each
 sequence carries; attention metadata is built here and handed to the model as an argument.
+For a sequence that needs prompt logprobs, the logits of every prompt position in its chunk
+score the prompt token after it (log-softmax of the raw logits), a few hundred rows at a time
+so a long chunk never holds [T, vocab] at once.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from model.config import ModelConfig
 from model.engine.config import EngineConfig
+from model.engine.outputs import PromptLogprob
 from model.engine.scheduler import ScheduledSeq
+from model.engine.sequence import Sequence
 from model.layers.attention.metadata import build_attention_metadata
 from model.models.loader import load_model
 from model.sample.metadata import SamplerOutput, SamplingMetadata, SamplingRow
 from model.sample.sampler import Sampler
 
 logger = logging.getLogger("nanoserve.runner")
+
+# Prompt positions scored per LM-head call: bounds the [rows, vocab] logits held at once.
+SCORE_ROWS_PER_CALL = 256
+
+
+@dataclass
+class RunnerOutput:
+    """One step's results: the sampler's (None when no sequence samples) and, per sequence
+    that needs prompt logprobs, the entries of the prompt tokens this step scored (in order)."""
+
+    sampled: SamplerOutput | None
+    prompt_logprobs: list[tuple[Sequence, list[PromptLogprob]]] = field(default_factory=list)
 
 
 def dtype_size(dtype: torch.dtype) -> int:
@@ -127,10 +145,11 @@ class ModelRunner:
             self.num_blocks = 0
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> SamplerOutput | None:
+    def run(self, scheduled: list[ScheduledSeq]) -> RunnerOutput:
         """One forward over every scheduled token: each seq's `num_new_tokens` from its
         `num_computed_tokens` on. Samples the seqs with `is_sampling` from their
-        `sampling_row`; the output's lists follow their order. None when none samples."""
+        `sampling_row` (the sampler's lists follow their order) and scores the prompt
+        tokens of the seqs that need prompt logprobs."""
         assert self.kv_cache is not None, "allocate_kv_cache first"
         input_ids: list[int] = []
         positions: list[int] = []
@@ -139,11 +158,26 @@ class ModelRunner:
         block_tables: list[list[int]] = []
         sample_indices: list[int] = []
         rows: list[SamplingRow] = []
+        # Flat rows whose logits score the prompt token after them, those tokens, and per
+        # scoring seq how many rows are its.
+        score_rows: list[int] = []
+        score_targets: list[int] = []
+        score_spans: list[tuple[Sequence, int]] = []
         num_tokens = 0
         for item in scheduled:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             end = start + n
+            if seq.needs_prompt_logprobs:
+                num_scored = len(seq.prompt_logprobs)
+                assert start < num_scored, f"{seq}: prompt positions skipped unscored"
+                # Position p scores token p + 1; a recompute (preemption) skips what is scored.
+                first, stop = num_scored - 1, min(end, seq.num_prompt_tokens - 1)
+                if first < stop:
+                    offset = num_tokens - start
+                    score_rows.extend(range(offset + first, offset + stop))
+                    score_targets.extend(seq.token_ids[first + 1 : stop + 1])
+                    score_spans.append((seq, stop - first))
             if n == 1:
                 input_ids.append(seq.token_ids[start])
                 positions.append(start)
@@ -168,10 +202,62 @@ class ModelRunner:
             hidden = graphs.run(ids_t, pos_t, meta)  # a view of the graph's static output
         else:
             hidden = self.model(ids_t, pos_t, self.kv_cache, meta)
+        output = RunnerOutput(None)
+        if score_rows:
+            output.prompt_logprobs = self._score_prompts(
+                hidden, score_rows, score_targets, score_spans
+            )
         if not rows:
-            return None
+            return output
         if len(sample_indices) != num_tokens:
             hidden = hidden[torch.tensor(sample_indices, dtype=torch.long, device=device)]
         logits = self.model.compute_logits(hidden)
         sampling_meta = SamplingMetadata.build(rows, logits.shape[-1], device)
-        return self.sampler(logits, sampling_meta)
+        output.sampled = self.sampler(logits, sampling_meta)
+        return output
+
+    def _score_prompts(
+        self,
+        hidden: torch.Tensor,
+        rows: list[int],
+        targets: list[int],
+        spans: list[tuple[Sequence, int]],
+    ) -> list[tuple[Sequence, list[PromptLogprob]]]:
+        """Log-softmax of the raw logits at `rows`: each target token's logprob and rank, and
+        the top-k of each span's seq (k = its SamplingParams.prompt_logprobs)."""
+        device = hidden.device
+        max_k = max(seq.sampling_params.prompt_logprobs for seq, _ in spans)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        targets_t = torch.tensor(targets, dtype=torch.long, device=device).unsqueeze(1)  # (R, 1)
+        chosen_parts, rank_parts, top_value_parts, top_id_parts = [], [], [], []
+        for lo in range(0, len(rows), SCORE_ROWS_PER_CALL):
+            part = slice(lo, lo + SCORE_ROWS_PER_CALL)
+            logits = self.model.compute_logits(hidden[rows_t[part]])  # (r, V) float32
+            logprobs = torch.log_softmax(logits, dim=-1)
+            chosen = logprobs.gather(1, targets_t[part])  # (r, 1)
+            chosen_parts.append(chosen.squeeze(1))
+            rank_parts.append((logprobs > chosen).sum(dim=-1) + 1)
+            if max_k:
+                values, ids = torch.topk(logprobs, max_k, dim=-1)  # (r, k), sorted
+                top_value_parts.append(values)
+                top_id_parts.append(ids)
+        chosen_list = torch.cat(chosen_parts).tolist()
+        rank_list = torch.cat(rank_parts).tolist()
+        top_values = torch.cat(top_value_parts).tolist() if max_k else [[]] * len(rows)
+        top_ids = torch.cat(top_id_parts).tolist() if max_k else [[]] * len(rows)
+        out: list[tuple[Sequence, list[PromptLogprob]]] = []
+        j = 0
+        for seq, count in spans:
+            k = seq.sampling_params.prompt_logprobs
+            entries = [
+                PromptLogprob(
+                    targets[i],
+                    chosen_list[i],
+                    rank_list[i],
+                    list(zip(top_ids[i][:k], top_values[i][:k], strict=True)),
+                )
+                for i in range(j, j + count)
+            ]
+            out.append((seq, entries))
+            j += count
+        return out

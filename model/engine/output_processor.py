@@ -5,7 +5,9 @@ gets back the `GenerationDelta` for it; a delta with a `finish_reason` means the
 done, and the engine then takes it out of the scheduler. The processor keeps only the text
 state of each unfinished sequence (its detokenizer and stop-string matcher) and, for
 structured outputs, advances the sequence's GrammarMatcher by each token: a grammar that
-admits nothing but EOS finishes the sequence with "stop" at once.
+admits nothing but EOS finishes the sequence with "stop" at once. A sequence's prompt logprobs
+(all computed by the time it samples or, with max_tokens 0, is scored: `finish_scored`) ride
+on its first delta.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class _TextState:
     detokenizer: IncrementalDetokenizer
     matcher: StopStringMatcher | None
     grammar: GrammarMatcher | None
+    has_emitted: bool = False  # a delta went out (it carried the prompt logprobs)
 
 
 logger = logging.getLogger("nanoserve.engine")
@@ -107,7 +110,18 @@ class OutputProcessor:
         if finish is not None:
             del self._states[seq.seq_id]
         logprobs = [logprob] if logprob is not None else None
-        return delta(seq, text, [token_id], logprobs, finish, stop_reason)
+        out = delta(seq, text, [token_id], logprobs, finish, stop_reason)
+        if not state.has_emitted:
+            state.has_emitted = True
+            out.prompt_logprobs = seq.prompt_logprobs
+        return out
+
+    def finish_scored(self, seq: Sequence) -> GenerationDelta:
+        """The one delta of a sequence that only scores its prompt (max_tokens 0)."""
+        del self._states[seq.seq_id]
+        out = delta(seq, "", [], None, "length", None)
+        out.prompt_logprobs = seq.prompt_logprobs
+        return out
 
     def abort(self, seq: Sequence) -> GenerationDelta:
         """The final delta of an aborted sequence; drops its text state."""

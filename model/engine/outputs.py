@@ -1,4 +1,5 @@
-"""The engine's plain data types: the deltas it returns, and its stats (its config: config.py).
+"""The engine's plain data types: the deltas it returns, prompt logprobs, and its stats (its
+config: config.py).
 
 Kept apart from LLMEngine so that callers (the async facade, the server, benchmarks) can name
 these without reading the step loop.
@@ -12,6 +13,16 @@ from model.sample.metadata import TokenLogprobs
 
 
 @dataclass
+class PromptLogprob:
+    """Scoring one prompt token: its logprob given the tokens before it, from the raw logits."""
+
+    token_id: int
+    logprob: float | None  # None for the first prompt token: nothing precedes it
+    rank: int | None  # 1 + the number of tokens more likely than this one; None with logprob
+    top: list[tuple[int, float]]  # top-k alternatives, most likely first
+
+
+@dataclass
 class GenerationDelta:
     choice_index: int
     text: str
@@ -22,6 +33,8 @@ class GenerationDelta:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    # The first delta of a choice that asked for prompt logprobs: one entry per prompt token.
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 @dataclass
@@ -54,6 +67,10 @@ def merge_deltas(deltas: list[GenerationDelta]) -> list[GenerationDelta]:
         if last.logprobs is not None or d.logprobs is not None:
             logprobs = (last.logprobs or []) + (d.logprobs or [])
         merged[d.choice_index] = replace(
-            d, text=last.text + d.text, token_ids=last.token_ids + d.token_ids, logprobs=logprobs
+            d,
+            text=last.text + d.text,
+            token_ids=last.token_ids + d.token_ids,
+            logprobs=logprobs,
+            prompt_logprobs=last.prompt_logprobs or d.prompt_logprobs,
         )
     return list(merged.values())

@@ -11,7 +11,9 @@ front of the waiting queue, to recompute prompt + outputs when re-admitted.
 
 Per step the engine calls `schedule()`, hands its output to the model runner, then
 `update(...)` with the sampled tokens (in batch order), then `finish(seq, reason)` for
-each sequence that stopped.
+each sequence that stopped. A sequence without a completion budget (max_tokens 0: score
+the prompt only) never samples: the step that computes its last prompt token marks it
+`is_scored_only`, and the engine finishes it after that step.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class ScheduledSeq:
     num_new_tokens: int
     # This step reaches the seq's last token, so its logits are sampled.
     is_sampling: bool
+    # This step reaches the last token of a seq that samples nothing (max_tokens 0).
+    is_scored_only: bool = False
 
 
 @dataclass
@@ -69,12 +73,25 @@ class SchedulerOutput:
         return [s.seq for s in self.scheduled if s.is_sampling]
 
     @property
+    def scored_seqs(self) -> list[Sequence]:
+        """The sequences whose prompt this step completes without sampling (max_tokens 0)."""
+        return [s.seq for s in self.scheduled if s.is_scored_only]
+
+    @property
     def num_batched_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+def _scheduled(seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+    reaches_end = seq.num_computed_tokens + num_new_tokens == seq.num_tokens
+    has_budget = seq.num_output_tokens < seq.max_tokens
+    return ScheduledSeq(
+        seq, num_new_tokens, reaches_end and has_budget, reaches_end and not has_budget
+    )
 
 
 class Scheduler:
@@ -205,8 +222,7 @@ class Scheduler:
                 if seq.status is not running:
                     continue
                 bm.append(seq, num_new)
-            is_sampling = seq.num_computed_tokens + num_new == num_tokens
-            scheduled[seq.seq_id] = ScheduledSeq(seq, num_new, is_sampling)
+            scheduled[seq.seq_id] = _scheduled(seq, num_new)
             budget -= num_new
 
         # After a preemption the pool is full: admitting now would only thrash.
@@ -218,7 +234,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
-            if caching and seq.request_id in prefilling_requests:
+            # (one that needs prompt logprobs skips the cache: waiting would gain it nothing)
+            if caching and seq.request_id in prefilling_requests and not seq.needs_prompt_logprobs:
                 break
             num_cached = bm.get_num_computed_from_cache(seq)
             num_new = min(seq.num_tokens - num_cached, budget)
@@ -229,8 +246,7 @@ class Scheduler:
             assert seq.num_computed_tokens == num_cached, seq
             seq.status = SequenceStatus.RUNNING
             self.running[seq.seq_id] = seq
-            is_sampling = seq.num_computed_tokens + num_new == seq.num_tokens
-            scheduled[seq.seq_id] = ScheduledSeq(seq, num_new, is_sampling)
+            scheduled[seq.seq_id] = _scheduled(seq, num_new)
             budget -= num_new
             if self._computes_shareable(seq):
                 prefilling_requests.add(seq.request_id)

@@ -56,7 +56,8 @@ class Sequence:
 
     The scheduler and the block manager own `status`, `num_computed_tokens`,
     `num_cached_tokens`, `block_table`, `block_hashes` and `num_hashed_blocks`;
-    the engine owns `sampling_params`, `sampling_row`, `finish_reason` and `stop_reason`.
+    the engine owns `sampling_params`, `sampling_row`, `prompt_logprobs`, `finish_reason` and
+    `stop_reason`.
     `token_ids` is the one store of the prompt and the sampled tokens (the scheduler appends).
     """
 
@@ -99,6 +100,9 @@ class Sequence:
         # Leading entries of block_table already offered to the prefix cache.
         self.num_hashed_blocks = 0
         self.num_preemptions = 0
+        # Scoring (SamplingParams.prompt_logprobs): one entry per prompt token computed so far,
+        # the first one's logprob None (nothing precedes it); None: not asked for.
+        self.prompt_logprobs: list[Any] | None = None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
 
@@ -140,6 +144,14 @@ class Sequence:
     def is_prefill(self) -> bool:
         """More than one token still lacks K/V (a prompt, or a recompute after preemption)."""
         return self.num_computed_tokens < len(self.token_ids) - 1
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are asked for and not all computed: the prompt's logits are needed,
+        so its K/V cannot come from the prefix cache."""
+        return (
+            self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+        )
 
     @property
     def is_finished(self) -> bool:

@@ -17,6 +17,12 @@ from typing import Any
 from model.errors import ModelLoadError, TemplateError
 from model.text.chat_prompt import ChatPrompt, SpecialTokenText, encode_chat_prompt
 from model.text.chat_template import compile_template, render_chat_template
+from model.text.tool_prompt import (
+    TOOL_PROMPT_MODES,
+    needs_tool_prompt,
+    template_renders_tools,
+    with_tool_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +140,8 @@ class Tokenizer:
         self.eos_token_ids: set[int] = eos
         self._byte_cache: dict[int, bytes] = {}
         self._byte_decoder = _byte_decoder() if is_byte_level else {}
+        self.tool_prompt_mode = "auto"
+        self._renders_tools: bool | None = None  # probed on first use
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -245,6 +253,28 @@ class Tokenizer:
             variables=variables,
         )
 
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes `tools` into the prompt (model/text/tool_prompt.py)."""
+        if self._renders_tools is None:
+            self._renders_tools = self.chat_template is not None and template_renders_tools(
+                lambda chat, tools: self.render_chat(chat, tools, True, False, None)
+            )
+        return self._renders_tools
+
+    def set_tool_prompt(self, mode: str) -> None:
+        """ "auto": the Hermes tool prompt when the template does not render tools; "hermes":
+        always instead of the template's own; "none": never (tools reach the template only)."""
+        if mode not in TOOL_PROMPT_MODES:
+            raise ValueError(f"tool prompt mode must be one of {', '.join(TOOL_PROMPT_MODES)}")
+        self.tool_prompt_mode = mode
+
+    @property
+    def uses_tool_prompt(self) -> bool:
+        if self.tool_prompt_mode == "auto":
+            return not self.renders_tools
+        return self.tool_prompt_mode == "hermes"
+
     def encode_chat(
         self,
         messages: list[dict],
@@ -264,6 +294,9 @@ class Tokenizer:
             return self.render_chat(
                 chat, chat_tools, add_generation_prompt, continue_final_message, template_kwargs
             )
+
+        if self.uses_tool_prompt and needs_tool_prompt(messages, tools):
+            messages, tools = with_tool_prompt(messages, tools), None
 
         prompt = encode_chat_prompt(
             render,

@@ -57,6 +57,15 @@ class TokenLogprobs(Protocol):
     top: Sequence[tuple[int, float]]  # (token id, logprob) alternatives, best first
 
 
+class PromptLogprob(Protocol):
+    """One scored prompt token (model.engine.outputs.PromptLogprob)."""
+
+    token_id: int
+    logprob: float | None  # None for the first prompt token
+    rank: int | None  # 1 = the most likely token
+    top: Sequence[tuple[int, float]]  # (token id, logprob) alternatives, best first
+
+
 class GenerationDelta(Protocol):
     """New output of one choice (model.engine.outputs.GenerationDelta)."""
 
@@ -68,6 +77,8 @@ class GenerationDelta(Protocol):
     stop_reason: str | int | None
     num_cached_tokens: int
     num_output_tokens: int
+    # On a choice's first delta when SamplingParams.prompt_logprobs asked: one per prompt token.
+    prompt_logprobs: Sequence[PromptLogprob] | None
 
 
 class EngineStats(Protocol):

@@ -18,6 +18,7 @@ from typing import Any
 
 from model.errors import RequestRejected
 from model.sampling_params import SamplingParams, check_token_ids
+from server.api.anthropic import add_anthropic_routes
 from server.api.engine_client import EngineClient
 from server.api.fields import rejected
 from server.api.generation import Generation, GenerationEvents, collect
@@ -30,6 +31,7 @@ from server.api.protocol import (
     parse_detokenize_request,
     parse_tokenize_request,
 )
+from server.api.responses import ResponsesAPI
 from server.api.structured import compile_structured
 from server.http.errors import HTTPError
 from server.http.messages import JSONResponse, Request, Response
@@ -53,12 +55,16 @@ class APIState:
     created: int = field(default_factory=lambda: int(time.time()))
     system_fingerprint: str = "fp_nanoserve"
     retry_after_s: int = 1
+    # the Hermes tool prompt: "auto" (when the chat template ignores tools), "hermes", "none"
+    tool_prompt: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
             raise ValueError("served_model_names must name at least one model")
         if self.max_n < 1:
             raise ValueError("max_n must be >= 1")
+        if self.tool_prompt not in ("auto", "hermes", "none"):
+            raise ValueError("tool_prompt must be auto, hermes or none")
 
     def is_draining(self, request: Request | None = None) -> bool:
         servers = (self.server, getattr(request, "server", None))
@@ -260,4 +266,6 @@ def build_router(state: APIState, router: Router | None = None) -> Router:
     router.add("GET", "/metrics", api.metrics)
     router.add("POST", "/tokenize", api.tokenize)
     router.add("POST", "/detokenize", api.detokenize)
+    add_anthropic_routes(router, api, engine_request_id)
+    router.add("POST", "/v1/responses", ResponsesAPI(api).create)
     return router

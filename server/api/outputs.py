@@ -3,6 +3,10 @@
 One `Output` object per request accumulates every choice; the non-streaming body is built
 from the same state the stream chunks came from, so both carry the same text and tool calls.
 Logprob shapes are in server/api/logprobs.py, tool-call parsing in server/api/tool_calls.py.
+A choice's first delta carries its prompt logprobs when the request asked: completions put
+vLLM's `prompt_logprobs` in each choice and, with echo and logprobs, the prompt's tokens ahead
+of the completion's in `logprobs` (streamed: in the first chunk, with the echoed text); chat
+puts vLLM's `prompt_logprobs` on the response, as vLLM does.
 """
 
 from __future__ import annotations
@@ -11,10 +15,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.api.engine_client import GenerationDelta, Tokenizer
-from server.api.logprobs import chat_logprobs, completion_logprobs
+from server.api.logprobs import (
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    join_completion_logprobs,
+    vllm_prompt_logprobs,
+)
 from server.api.metrics import RequestTracker
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
-from server.api.tool_calls import ToolCall, ToolCallParser
+from server.api.tool_calls import (
+    ParserEvent,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallParser,
+    tool_call_deltas,
+)
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -134,6 +150,8 @@ class ChatOutput(Output):
         super().__init__(req.sampling.n, req.include_usage, meta, prompt_lens, tracker)
         self.tokenizer = tokenizer
         self.wants_logprobs = req.logprobs
+        self.prompt_logprobs_k = req.prompt_logprobs
+        self.prompt_logprobs: list[Any] | None = None
         if req.parses_tool_calls:
             names = req.tool_names
             max_calls = None if req.parallel_tool_calls else 1
@@ -152,27 +170,32 @@ class ChatOutput(Output):
 
     def on_delta(self, prompt_index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
         choice = self._track(prompt_index, delta)
-        text, calls = delta.text, []
+        if delta.prompt_logprobs is not None and self.prompt_logprobs_k is not None:
+            self.prompt_logprobs = vllm_prompt_logprobs(
+                self.tokenizer, delta.prompt_logprobs, self.prompt_logprobs_k
+            )
+        events: list[ParserEvent] = [delta.text]
         if choice.parser is not None:
-            text, calls = choice.parser.push(text)
+            events = choice.parser.push_events(delta.text)
             if delta.finish_reason is not None:
-                rest, more = choice.parser.finish()
-                text += rest
-                calls += more
-        first_call = len(choice.tool_calls)
+                events += choice.parser.finish_events()
+        text = "".join(e for e in events if isinstance(e, str))
+        pieces = [e for e in events if isinstance(e, ToolCallDelta)]
         choice.parts.append(text)
-        choice.tool_calls.extend(calls)
+        choice.tool_calls.extend(p.call for p in pieces if p.is_first)
         entries = None
         if self.wants_logprobs and delta.logprobs:
             entries = chat_logprobs(self.tokenizer, delta.logprobs)
             choice.logprobs.extend(entries)
         chunks = []
-        if text or calls or entries:
+        if text or pieces or entries:
+            # one chunk: content (text before a call comes first in the stream, as
+            # clients concatenate content and calls separately), then the call pieces
             body: dict[str, Any] = {}
             if text:
                 body["content"] = text
-            if calls:
-                body["tool_calls"] = [c.to_delta(first_call + k) for k, c in enumerate(calls)]
+            if pieces:
+                body["tool_calls"] = tool_call_deltas(pieces)
             lp = {"content": entries, "refusal": None} if entries else None
             chunks.append(self._chunk_choice(choice.index, body, lp))
         if delta.finish_reason is not None:
@@ -202,7 +225,10 @@ class ChatOutput(Output):
                     "stop_reason": c.stop_reason,
                 }
             )
-        return {**self.meta, "object": "chat.completion", "choices": choices, "usage": self.usage()}
+        body = {**self.meta, "object": "chat.completion", "choices": choices, "usage": self.usage()}
+        if self.prompt_logprobs_k is not None:
+            body["prompt_logprobs"] = self.prompt_logprobs
+        return body
 
 
 class CompletionOutput(Output):
@@ -219,7 +245,10 @@ class CompletionOutput(Output):
     ) -> None:
         super().__init__(req.sampling.n, req.include_usage, meta, prompt_lens, tracker)
         self.tokenizer = tokenizer
-        self.wants_logprobs = req.sampling.logprobs is not None
+        self.num_logprobs = req.sampling.logprobs  # None: no logprobs
+        self.echo_logprobs = req.echo_logprobs
+        self.prompt_logprobs_k = req.prompt_logprobs
+        self.prompt_logprobs: dict[int, list[Any]] = {}  # choice index -> vLLM's shape
         self.echo_texts = echo_texts  # per prompt; empty without echo
         for c in self.choices:
             c.text_offset = len(self._echo(c.index))
@@ -234,6 +263,8 @@ class CompletionOutput(Output):
         return self.chunk([entry])
 
     def first_chunks(self) -> list[dict[str, Any]]:
+        if self.echo_logprobs:  # the echo goes out with its logprobs, on the first delta
+            return []
         return [
             self._chunk_choice(c.index, self._echo(c.index))
             for c in self.choices
@@ -243,15 +274,29 @@ class CompletionOutput(Output):
     def on_delta(self, prompt_index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
         choice = self._track(prompt_index, delta)
         choice.parts.append(delta.text)
-        logprobs = None
-        if self.wants_logprobs and delta.logprobs:
-            logprobs, choice.text_offset = completion_logprobs(
+        text = delta.text
+        parts: list[dict[str, list[Any]]] = []
+        if delta.prompt_logprobs is not None:
+            if self.echo_logprobs:
+                assert self.num_logprobs is not None
+                text = self._echo(choice.index) + text
+                parts.append(
+                    echo_logprobs(self.tokenizer, delta.prompt_logprobs, self.num_logprobs)
+                )
+            if self.prompt_logprobs_k is not None:
+                self.prompt_logprobs[choice.index] = vllm_prompt_logprobs(
+                    self.tokenizer, delta.prompt_logprobs, self.prompt_logprobs_k
+                )
+        if self.num_logprobs is not None and delta.logprobs:
+            completion, choice.text_offset = completion_logprobs(
                 self.tokenizer, delta.logprobs, choice.text_offset
             )
-            choice.logprobs.append(logprobs)
+            parts.append(completion)
+        choice.logprobs.extend(parts)
         chunks = []
-        if delta.text or logprobs:
-            chunks.append(self._chunk_choice(choice.index, delta.text, logprobs))
+        if text or parts:
+            logprobs = join_completion_logprobs(parts) if parts else None
+            chunks.append(self._chunk_choice(choice.index, text, logprobs))
         if delta.finish_reason is not None:
             self._finish(choice, delta.finish_reason, delta.stop_reason)
             chunks.append(
@@ -262,24 +307,16 @@ class CompletionOutput(Output):
     def response(self) -> dict[str, Any]:
         choices = []
         for c in self.choices:
-            logprobs = None
-            if self.wants_logprobs:
-                logprobs = {
-                    "tokens": [],
-                    "token_logprobs": [],
-                    "top_logprobs": [],
-                    "text_offset": [],
-                }
-                for part in c.logprobs:
-                    for key, values in part.items():
-                        logprobs[key].extend(values)
-            choices.append(
-                {
-                    "index": c.index,
-                    "text": self._echo(c.index) + "".join(c.parts),
-                    "logprobs": logprobs,
-                    "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason,
-                }
-            )
+            choice = {
+                "index": c.index,
+                "text": self._echo(c.index) + "".join(c.parts),
+                "logprobs": join_completion_logprobs(c.logprobs)
+                if self.num_logprobs is not None
+                else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            if self.prompt_logprobs_k is not None:
+                choice["prompt_logprobs"] = self.prompt_logprobs.get(c.index)
+            choices.append(choice)
         return {**self.meta, "object": "text_completion", "choices": choices, "usage": self.usage()}

@@ -2,8 +2,13 @@
 
 Every bad field raises `HTTPError(400, ..., param=<field>)`; `null` counts as absent and
 unknown fields are ignored (clients send extras). The sampling fields of both endpoints parse
-straight into the engine's `SamplingParams` (model.sampling_params: no torch), whose
-max_tokens stays None until server/api/prompts.py resolves it against the prompt. Chat
+straight into the engine's `SamplingParams` (model.sampling_params: no torch). Chat's
+max_tokens stays None until server/api/prompts.py resolves it against the prompt (the rest of
+the context); completions default to 16, as OpenAI and vLLM do. Scoring: completions' `echo`
+with `logprobs` k also reports the prompt tokens' logprobs (top k), `max_tokens` 0 with `echo`
+scores without generating, and vLLM's `prompt_logprobs` k (both endpoints, not streamed) asks
+for vLLM's per-prompt-token dicts; the engine gets the larger k as SamplingParams.prompt_logprobs.
+Chat
 messages and tools are checked in server/api/chat_messages.py, typed field reads live in
 server/api/fields.py.
 """
@@ -31,18 +36,26 @@ from server.api.fields import Fields, bad_request, rejected
 from server.api.structured import StructuredRequest, parse_structured, tool_call_request
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+# /v1/completions' max_tokens when the request has none (OpenAI's and vLLM's default).
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 # ---- sampling fields shared by both endpoints ------------------------------------------------
 
 
 def parse_sampling(
-    f: Fields, max_n: int, logprobs: int | None, max_tokens_name: str
+    f: Fields,
+    max_n: int,
+    logprobs: int | None,
+    max_tokens_name: str,
+    prompt_logprobs: int | None = None,
+    max_tokens_default: int | None = None,
+    max_tokens_min: int = 1,
 ) -> SamplingParams:
     """The sampling fields, read in this order (the first bad one is the 400)."""
     values: dict[str, Any] = {
         "n": f.int("n", 1, 1, max_n),
-        "max_tokens": f.int(max_tokens_name, None, 1),
+        "max_tokens": f.int(max_tokens_name, max_tokens_default, max_tokens_min),
         "temperature": f.number("temperature", 1.0, 0.0, 2.0),
         "top_p": f.number("top_p", 1.0, 0.0, 1.0, lo_open=True),
         "top_k": f.int("top_k", 0, -1),
@@ -67,7 +80,7 @@ def parse_sampling(
     values["logit_bias"] = _parse_logit_bias(f.get("logit_bias"))
     f.str("user")  # accepted, unused
     try:
-        return SamplingParams(logprobs=logprobs, **values)
+        return SamplingParams(logprobs=logprobs, prompt_logprobs=prompt_logprobs, **values)
     except RequestRejected as exc:  # the reads above are stricter; a gap is still a 400
         raise rejected(exc) from None
 
@@ -109,6 +122,16 @@ def _parse_logit_bias(value: object) -> dict[int, float] | None:
     return bias or None
 
 
+def _parse_prompt_logprobs(f: Fields, stream: bool) -> int | None:
+    """vLLM's `prompt_logprobs`: null, or the top-k to list per prompt token (non-streaming)."""
+    prompt_logprobs = f.int("prompt_logprobs", None, 0, MAX_LOGPROBS)
+    if prompt_logprobs is not None and stream:
+        raise bad_request(
+            "prompt_logprobs", "'prompt_logprobs' is not available when 'stream' is true."
+        )
+    return prompt_logprobs
+
+
 def _parse_stream(f: Fields) -> tuple[bool, bool]:
     stream = f.bool("stream", False)
     options = f.get("stream_options")
@@ -139,6 +162,7 @@ class ChatCompletionRequest:
     tool_name: str | None = None
     parallel_tool_calls: bool = True
     structured: StructuredRequest | None = None  # the output constraint, compiled before admission
+    prompt_logprobs: int | None = None  # vLLM's extra: per prompt token, the token plus top-k
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -161,13 +185,19 @@ class ChatCompletionRequest:
 class CompletionRequest:
     model: str | None
     prompts: list[str | list[int]]  # each: text, or token ids
-    sampling: SamplingParams  # max_tokens None: the rest of the context
+    sampling: SamplingParams  # max_tokens 0: score only (with echo)
     max_tokens_param: str = "max_tokens"  # the field that set max_tokens, for error messages
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
     add_special_tokens: bool = True
     structured: StructuredRequest | None = None  # the output constraint, compiled before admission
+    prompt_logprobs: int | None = None  # vLLM's extra: per prompt token, the token plus top-k
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """The legacy logprobs cover the echoed prompt too."""
+        return self.echo and self.sampling.logprobs is not None
 
 
 @dataclass
@@ -206,8 +236,9 @@ def parse_chat_request(body: object, max_n: int) -> ChatCompletionRequest:
     max_tokens_name = (
         "max_completion_tokens" if f.get("max_completion_tokens") is not None else "max_tokens"
     )
-    sampling = parse_sampling(f, max_n, logprobs, max_tokens_name)
     stream, include_usage = _parse_stream(f)
+    prompt_logprobs = _parse_prompt_logprobs(f, stream)
+    sampling = parse_sampling(f, max_n, logprobs, max_tokens_name, prompt_logprobs)
     structured = parse_structured(f)
     tools = parse_tools(f.get("tools"))
     tool_choice, tool_name = parse_tool_choice(f.get("tool_choice"), tools)
@@ -252,6 +283,7 @@ def parse_chat_request(body: object, max_n: int) -> ChatCompletionRequest:
         tool_name=tool_name,
         parallel_tool_calls=parallel_tool_calls,
         structured=structured,
+        prompt_logprobs=prompt_logprobs,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final,
         chat_template_kwargs=parse_template_kwargs(f),
@@ -280,11 +312,25 @@ def parse_completion_request(body: object, max_n: int) -> CompletionRequest:
     f = _object(body)
     prompts = parse_prompts(f.get("prompt"))
     logprobs = f.int("logprobs", None, 0, MAX_LOGPROBS)
-    sampling = parse_sampling(f, max_n, logprobs, "max_tokens")
-    stream, include_usage = _parse_stream(f)
     echo = f.bool("echo", False)
-    if echo and logprobs is not None:
-        raise bad_request("echo", "'echo' together with 'logprobs' is not supported.")
+    stream, include_usage = _parse_stream(f)
+    prompt_logprobs = _parse_prompt_logprobs(f, stream)
+    # The engine scores the prompt once, with the larger k of the two ways to ask.
+    asked = [k for k in (prompt_logprobs, logprobs if echo else None) if k is not None]
+    sampling = parse_sampling(
+        f,
+        max_n,
+        logprobs,
+        "max_tokens",
+        max(asked, default=None),
+        max_tokens_default=COMPLETION_DEFAULT_MAX_TOKENS,
+        max_tokens_min=0,
+    )
+    if sampling.max_tokens == 0 and not echo:
+        raise bad_request(
+            "max_tokens",
+            "'max_tokens' 0 generates nothing: it needs 'echo' true (score the prompt only).",
+        )
     if f.str("suffix"):
         raise bad_request("suffix", "'suffix' is not supported.")
     best_of = f.int("best_of", None, 1)
@@ -300,6 +346,7 @@ def parse_completion_request(body: object, max_n: int) -> CompletionRequest:
         echo=echo,
         add_special_tokens=f.bool("add_special_tokens", True),
         structured=structured,
+        prompt_logprobs=prompt_logprobs,
     )
 
 

@@ -256,13 +256,13 @@ class HTTPProtocol(asyncio.Protocol):
             try:
                 check_auth = state.check_auth
                 if check_auth is not None and path not in AUTH_EXEMPT_PATHS:
-                    check_auth(headers.get("authorization"))
+                    check_auth(headers.get("authorization"), headers.get("x-api-key"))
                 cycle.handler, request.path_params = state.router.match(request.method, path)
             except HTTPError as exc:
                 if self.conn.they_are_waiting_for_100_continue:
                     self._reject(exc.status, exc.message, exc.headers)
-                else:
-                    cycle.error = exc  # answered once the body has been read (and dropped)
+                else:  # answered once the body has been read (and dropped)
+                    cycle.error = state.router.error_for(request.path, exc)
 
     def _on_body(self, data: bytes) -> None:
         cycle = self.cycle
@@ -358,8 +358,13 @@ class HTTPProtocol(asyncio.Protocol):
             return
         cycle = self.cycle
         # No cycle: the head was not parsed (too long, malformed), so no id or Origin was seen.
-        server_head = request_id_line(new_request_id()) if cycle is None else cycle.server_head
-        self.transport.write(raw_error_response(status, message, headers, server_head))
+        if cycle is None:
+            server_head, body = request_id_line(new_request_id()), None
+        else:  # in the error format of the request's path
+            error = HTTPError(status, message, headers=list(headers))
+            server_head = cycle.server_head
+            body = self.state.router.error_for(cycle.request.path, error).body()
+        self.transport.write(raw_error_response(status, message, headers, server_head, body))
         self.cycle = None
         if cycle is not None:
             cycle.status = status

@@ -109,11 +109,14 @@ def raw_error_response(
     message: str,
     headers: list[tuple[str, str]] | tuple = (),
     server_head: bytes = b"",
+    body: bytes | None = None,
 ) -> bytes:
     """A complete HTTP/1.1 error response that closes the connection (no parser state needed).
 
-    `server_head`: head lines the server adds (request id, CORS), already encoded."""
-    body = error_body(status, message)
+    `server_head`: head lines the server adds (request id, CORS), already encoded; `body`:
+    the JSON error body (None: the OpenAI-shaped one of `status` and `message`)."""
+    if body is None:
+        body = error_body(status, message)
     head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"")), server_head]
     head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
     headers = with_retry_after(status, list(headers))

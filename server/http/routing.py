@@ -4,6 +4,8 @@ Paths are matched on the raw (still percent-encoded) request path, so an encoded
 inside a parameter never splits it; parameter values are percent-decoded afterwards.
 A segment "{name}" matches one path segment, "{name:path}" matches the rest of the path,
 slashes included (model ids such as "org/model").
+An API whose errors have another shape registers an error format for its paths; the
+connection passes the errors it answers itself (auth, limits, no route) through it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from urllib.parse import unquote
 from server.http.errors import HTTPError
 
 Handler = Callable[[Any], Awaitable[Any]]
+ErrorFormat = Callable[[HTTPError], HTTPError]
 
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
 _METHOD_RE = re.compile(r"[A-Z]+")
@@ -39,6 +42,7 @@ class Router:
     def __init__(self) -> None:
         self._static: dict[str, dict[str, Handler]] = {}
         self._dynamic: list[tuple[str, re.Pattern[str], dict[str, Handler]]] = []
+        self._error_formats: list[tuple[str, ErrorFormat]] = []
 
     def add(self, method: str, path: str, handler: Handler) -> None:
         method = method.upper()
@@ -59,6 +63,19 @@ class Router:
         if method in methods:
             raise ValueError(f"route {method} {path} is already registered")
         methods[method] = handler
+
+    def add_error_format(self, path_prefix: str, convert: ErrorFormat) -> None:
+        """Errors answered for `path_prefix` and the paths below it become `convert(error)`."""
+        if not path_prefix.startswith("/"):
+            raise ValueError(f"error format prefix must start with '/': {path_prefix!r}")
+        self._error_formats.append((path_prefix.rstrip("/"), convert))
+
+    def error_for(self, path: str, error: HTTPError) -> HTTPError:
+        """`error` in the format registered for `path` (unchanged when none is)."""
+        for prefix, convert in self._error_formats:
+            if path == prefix or path.startswith(prefix + "/"):
+                return convert(error)
+        return error
 
     def get(self, path: str) -> Callable[[Handler], Handler]:
         """Decorator form of add("GET", path, handler)."""

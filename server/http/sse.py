@@ -1,4 +1,4 @@
-"""Server-sent events: framing of `data:` events, keep-alive pings, in-stream errors."""
+"""Server-sent events: framing of `data:` events (named ones too), keep-alive pings, in-stream errors."""
 
 from __future__ import annotations
 
@@ -33,6 +33,13 @@ def encode_event(item: str | bytes | dict | list) -> bytes:
         lines = data.splitlines() or [b""]
         return b"".join([b"data: " + line + b"\n" for line in lines]) + b"\n"
     return b"data: " + data + b"\n\n"
+
+
+def encode_named_event(name: str, item: str | bytes | dict | list) -> bytes:
+    """One event with an "event: <name>" line before its data (APIs that name their events)."""
+    if "\n" in name or "\r" in name:
+        raise ValueError(f"an SSE event name is one line, not {name!r}")
+    return b"event: " + name.encode() + b"\n" + encode_event(item)
 
 
 def error_event(exc: BaseException) -> bytes:

@@ -4,8 +4,8 @@ FakeEngine implements server.api.engine_client.EngineClient like AsyncEngine doe
 (tests/server/api/test_engine_client.py checks both), and refuses what AsyncEngine refuses with
 the same checks (model.sampling_params). FakeTokenizer is byte-level: ids 0..255 are bytes, then
 a few special tokens. FakeEngine "generates" a fixed reply per choice, one or more tokens per
-delta, and records what it was asked (calls, aborts), so API handlers can be tested in
-milliseconds.
+delta (max_tokens 0: one empty delta; scripted prompt logprobs on each choice's first), and
+records what it was asked (calls, aborts), so API handlers can be tested in milliseconds.
 """
 
 from __future__ import annotations
@@ -136,12 +136,21 @@ class FakeDelta:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    prompt_logprobs: list[Any] | None = None
 
 
 @dataclass
 class FakeLogprob:
     token_id: int
     logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class FakePromptLogprob:
+    token_id: int
+    logprob: float | None
+    rank: int | None
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -154,6 +163,7 @@ class _ChoiceRun:
     pos: int = 0
     pending: bytes = b""
     done: bool = False
+    is_first_delta: bool = True  # it carries the prompt logprobs
 
 
 Reply = str | Callable[[list[int], Any, int], str]
@@ -257,7 +267,21 @@ class FakeEngine:
             for t in tokens
         ]
 
+    def _prompt_logprobs(self, prompt_ids: list[int], k: int) -> list[FakePromptLogprob]:
+        """Token i scores -0.5 * i, rank 1 + i % 3; its top-k: the next ids, at -0.1 * (j + 1)."""
+        first = FakePromptLogprob(prompt_ids[0], None, None)
+        return [first] + [
+            FakePromptLogprob(
+                t, -0.5 * i, 1 + i % 3, [((t + j + 1) % 256, -0.1 * (j + 1)) for j in range(k)]
+            )
+            for i, t in enumerate(prompt_ids[1:], start=1)
+        ]
+
     def _delta(self, run: _ChoiceRun, prompt_ids, params, text, tokens, finish, stop=None):
+        prompt_logprobs = None
+        if run.is_first_delta and params.prompt_logprobs is not None:
+            prompt_logprobs = self._prompt_logprobs(prompt_ids, params.prompt_logprobs)
+        run.is_first_delta = False
         return FakeDelta(
             choice_index=run.index,
             text=text,
@@ -268,6 +292,7 @@ class FakeEngine:
             num_prompt_tokens=len(prompt_ids),
             num_cached_tokens=self.num_cached_tokens,
             num_output_tokens=run.pos,
+            prompt_logprobs=prompt_logprobs,
         )
 
     async def _run(self, request_id: str, prompt_ids: list[int], params: Any) -> AsyncIterator:

@@ -18,11 +18,17 @@ from types import SimpleNamespace
 import pytest
 
 from model.engine.async_engine import AsyncEngine
-from model.engine.outputs import EngineStats, GenerationDelta
+from model.engine.outputs import EngineStats, GenerationDelta, PromptLogprob
 from model.sample.metadata import TokenLogprobs
 from model.text.tokenizer import Tokenizer
 from server.api import engine_client
-from tests.server.fake_engine import FakeDelta, FakeEngine, FakeLogprob, FakeTokenizer
+from tests.server.fake_engine import (
+    FakeDelta,
+    FakeEngine,
+    FakeLogprob,
+    FakePromptLogprob,
+    FakeTokenizer,
+)
 
 
 def methods(protocol: type) -> dict[str, object]:
@@ -103,6 +109,7 @@ def test_tokenizers_satisfy_tokenizer(tokenizer_type):
     [
         (engine_client.GenerationDelta, [GenerationDelta, FakeDelta]),
         (engine_client.TokenLogprobs, [TokenLogprobs, FakeLogprob]),
+        (engine_client.PromptLogprob, [PromptLogprob, FakePromptLogprob]),
     ],
 )
 def test_deltas_carry_what_the_api_reads(protocol, types):

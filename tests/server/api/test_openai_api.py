@@ -265,9 +265,16 @@ def test_tool_calls_non_streaming_and_streaming():
 
     assert choice_texts(chunks)[0] == "Checking."
     deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls", [])]
-    assert len(deltas) == 1 and deltas[0]["index"] == 0 and deltas[0]["type"] == "function"
-    assert deltas[0]["id"].startswith("call_")
-    assert deltas[0]["function"] == call["function"]
+    # streamed as OpenAI does: id, type and name first, then argument fragments as written
+    first, *rest = deltas
+    assert len(rest) > 1 and all(d["index"] == 0 for d in deltas)
+    assert first["id"].startswith("call_") and first["type"] == "function"
+    assert first["function"]["name"] == "get_weather"
+    assert all(
+        set(d) == {"index", "function"} and set(d["function"]) == {"arguments"} for d in rest
+    )
+    arguments = "".join(d["function"]["arguments"] for d in deltas)
+    assert arguments == call["function"]["arguments"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert "<tool_call>" not in json.dumps(chunks)
 
@@ -353,6 +360,88 @@ def test_completions_logprobs_legacy_shape():
     assert [o for s in streamed for o in s["text_offset"]] == [0, 1, 2]
 
 
+# ---- scoring: echo + logprobs, max_tokens 0, prompt_logprobs -------------------------------
+
+SCORE = {"prompt": "xy", "echo": True, "logprobs": 1, "add_special_tokens": False}
+
+
+def test_completions_echo_logprobs_cover_the_prompt():
+    engine = FakeEngine(reply="ab")
+
+    @api(engine)
+    async def result(client, state):
+        plain = (await client.post("/v1/completions", json={**SCORE, "max_tokens": 2})).json()
+        chunks = await sse(client, "/v1/completions", {**SCORE, "max_tokens": 2, "stream": True})
+        return plain, chunks
+
+    plain, chunks = result
+    choice = plain["choices"][0]
+    assert choice["text"] == "xyab" and "prompt_logprobs" not in choice
+    assert choice["logprobs"] == {
+        "tokens": ["x", "y", "a", "b"],
+        "token_logprobs": [None, -0.5, -0.25, -0.25],
+        "top_logprobs": [None, {"z": -0.1, "y": -0.5}, {"a": -0.25}, {"b": -0.25}],
+        "text_offset": [0, 1, 2, 3],
+    }
+    assert engine.calls[0][2].prompt_logprobs == 1
+    # Streamed: the echo arrives in the first chunk, together with its logprobs.
+    first = chunks[0]["choices"][0]
+    assert first["text"] == "xya"
+    assert first["logprobs"]["tokens"] == ["x", "y", "a"]
+    assert first["logprobs"]["token_logprobs"] == [None, -0.5, -0.25]
+    assert choice_texts(chunks)[0] == "xyab"
+
+
+def test_completions_max_tokens_zero_scores_the_prompt_only():
+    @api(FakeEngine(reply="ab"))
+    async def result(client, state):
+        scored = (await client.post("/v1/completions", json={**SCORE, "max_tokens": 0})).json()
+        body = {"prompt": "xy", "echo": True, "max_tokens": 0}
+        echoed = (await client.post("/v1/completions", json=body)).json()
+        chunks = await sse(client, "/v1/completions", {**SCORE, "max_tokens": 0, "stream": True})
+        return scored, echoed, chunks
+
+    scored, echoed, chunks = result
+    choice = scored["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("xy", "length")
+    assert choice["logprobs"]["tokens"] == ["x", "y"]
+    assert choice["logprobs"]["token_logprobs"] == [None, -0.5]
+    assert scored["usage"]["completion_tokens"] == 0
+    assert echoed["choices"][0]["text"] == "xy" and echoed["choices"][0]["logprobs"] is None
+    assert [c["choices"][0]["text"] for c in chunks] == ["xy", ""]
+    assert chunks[0]["choices"][0]["logprobs"]["tokens"] == ["x", "y"]
+    assert chunks[1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_vllm_prompt_logprobs_on_both_endpoints():
+    engine = FakeEngine(reply="ab")
+
+    @api(engine)
+    async def result(client, state):
+        body = {"prompt": "xy", "prompt_logprobs": 1, "n": 2, "add_special_tokens": False}
+        completion = (await client.post("/v1/completions", json=body)).json()
+        chat = await client.post("/v1/chat/completions", json=chat_body(prompt_logprobs=0))
+        plain = (await client.post("/v1/chat/completions", json=chat_body())).json()
+        return completion, chat.json(), plain
+
+    completion, chat, plain = result
+    expected = [
+        None,
+        {
+            "121": {"logprob": -0.5, "rank": 2, "decoded_token": "y"},
+            "122": {"logprob": -0.1, "rank": 1, "decoded_token": "z"},
+        },
+    ]
+    assert [c["prompt_logprobs"] for c in completion["choices"]] == [expected, expected]
+    assert completion["choices"][0]["text"] == "ab" and completion["choices"][0]["logprobs"] is None
+    # Chat: on the response, as vLLM puts it; k = 0 lists the actual token only.
+    chat_prompt = engine.calls[1][1]
+    assert len(chat["prompt_logprobs"]) == len(chat_prompt) and chat["prompt_logprobs"][0] is None
+    for token_id, entry in zip(chat_prompt[1:], chat["prompt_logprobs"][1:], strict=True):
+        assert list(entry) == [str(token_id)]
+    assert "prompt_logprobs" not in plain
+
+
 # ---- validation and errors over HTTP -------------------------------------------------------
 
 
@@ -379,7 +468,10 @@ def test_completions_logprobs_legacy_shape():
         ("/v1/completions", {"prompt": [1, 300]}, "prompt"),
         ("/v1/completions", {"prompt": ["a", ""], "add_special_tokens": False}, "prompt[1]"),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
-        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0}, "echo"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+        ("/v1/chat/completions", chat_body(prompt_logprobs=-1), "prompt_logprobs"),
+        ("/v1/chat/completions", chat_body(prompt_logprobs="2"), "prompt_logprobs"),
         ("/tokenize", {"prompt": 5}, "prompt"),
         ("/detokenize", {"tokens": [1, 999]}, "tokens"),
     ],

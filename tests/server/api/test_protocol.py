@@ -260,8 +260,9 @@ COMPLETION_BAD = [
     ({"logprobs": True}, "logprobs"),
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
-    ({"echo": True, "logprobs": 1}, "echo"),
     ({"echo": "yes"}, "echo"),
+    ({"max_tokens": 0, "echo": False}, "max_tokens"),
+    ({"max_tokens": -1, "echo": True}, "max_tokens"),
     ({"suffix": "end"}, "suffix"),
     ({"best_of": 2}, "best_of"),
 ]
@@ -270,6 +271,49 @@ COMPLETION_BAD = [
 @pytest.mark.parametrize(("fields", "param"), COMPLETION_BAD)
 def test_completion_bad(fields, param):
     assert_400(parse_completion_request, completion(**fields), param)
+
+
+PROMPT_LOGPROBS_BAD = [
+    ({"prompt_logprobs": -1}, "out of range"),
+    ({"prompt_logprobs": 21}, "out of range"),
+    ({"prompt_logprobs": 1.5}, "an integer"),
+    ({"prompt_logprobs": "1"}, "an integer"),
+    ({"prompt_logprobs": True}, "an integer"),
+    ({"prompt_logprobs": 1, "stream": True}, "stream"),
+]
+
+
+@pytest.mark.parametrize("parse", [parse_chat_request, parse_completion_request])
+@pytest.mark.parametrize(("fields", "match"), PROMPT_LOGPROBS_BAD)
+def test_prompt_logprobs_bad(parse, fields, match):
+    body = chat(**fields) if parse is parse_chat_request else completion(**fields)
+    assert_400(parse, body, "prompt_logprobs", match)
+
+
+def test_max_tokens_zero_without_echo_says_why():
+    assert_400(parse_completion_request, completion(max_tokens=0), "max_tokens", "'echo'")
+
+
+def test_scoring_requests_parse():
+    # lm-evaluation-harness's loglikelihood request
+    lm_eval = {"prompt": [[1, 2, 3]], "max_tokens": 1, "logprobs": 1, "echo": True, "seed": 1234}
+    req = parse_completion_request(completion(**lm_eval, temperature=0), 16)
+    assert req.echo_logprobs and req.prompt_logprobs is None
+    assert (req.sampling.logprobs, req.sampling.prompt_logprobs) == (1, 1)
+    req = parse_completion_request(completion(max_tokens=0, echo=True), 16)
+    assert req.sampling.max_tokens == 0 and req.sampling.prompt_logprobs is None
+    req = parse_completion_request(completion(echo=True, logprobs=2, prompt_logprobs=5), 16)
+    assert (req.prompt_logprobs, req.sampling.prompt_logprobs) == (5, 5)
+    req = parse_completion_request(completion(logprobs=3, prompt_logprobs=0), 16)
+    assert not req.echo_logprobs and req.sampling.prompt_logprobs == 0
+    req = parse_chat_request(chat(prompt_logprobs=2), 16)
+    assert (req.prompt_logprobs, req.sampling.prompt_logprobs) == (2, 2)
+    assert parse_chat_request(chat(), 16).sampling.prompt_logprobs is None
+
+
+def test_completion_max_tokens_defaults_to_16_chat_to_the_context():
+    assert parse_completion_request(completion(), 16).sampling.max_tokens == 16
+    assert parse_chat_request(chat(), 16).sampling.max_tokens is None
 
 
 @pytest.mark.parametrize("body", [[], "x", 3, None])

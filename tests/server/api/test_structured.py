@@ -110,7 +110,8 @@ def test_named_tool_choice_streams_one_call():
         return await sse(client, "/v1/chat/completions", body)
 
     calls = [d for c in chunks for ch in c["choices"] for d in ch["delta"].get("tool_calls", [])]
-    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    names = [c["function"]["name"] for c in calls if "name" in c["function"]]
+    assert names == ["get_weather"] and {c["index"] for c in calls} == {0}
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 

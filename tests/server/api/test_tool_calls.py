@@ -7,7 +7,12 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.api.tool_calls import ToolCallParser, parse_tool_call_body, parse_tool_calls
+from server.api.tool_calls import (
+    ToolCallParser,
+    parse_tool_call_body,
+    parse_tool_calls,
+    tool_call_deltas,
+)
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
@@ -110,3 +115,69 @@ def test_any_split_gives_the_whole_answer(text, cuts):
     assert s_content == (content or "") or (content is None and not s_content.strip())
     if not calls:
         assert content == text  # nothing is lost when there is no tool call
+
+
+def events_of(text: str, cuts: list[int], names=None, max_calls=None) -> list:
+    parser = ToolCallParser(names, max_calls)
+    events, pos = [], 0
+    for cut in [*sorted(cuts), len(text)]:
+        events += parser.push_events(text[pos:cut])
+        pos = max(pos, cut)
+    return events + parser.finish_events()
+
+
+def test_a_call_streams_its_name_first_then_its_arguments():
+    parser = ToolCallParser({"get_weather"})
+    assert parser.push_events("Let me look.\n<tool_call>\n") == ["Let me look."]
+    assert parser.push_events('{"name": "get_wea') == []
+    assert parser.push_events('ther", "arguments": ') == []  # the value has not begun
+    first, brace = parser.push_events("{")
+    assert first.is_first and not first.is_last and first.arguments == ""
+    assert brace.arguments == "{" and not brace.is_first
+    assert first.to_delta() == {
+        "index": 0,
+        "id": first.call.id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    (piece,) = parser.push_events('"city": "Pa')
+    assert piece.to_delta() == {"index": 0, "function": {"arguments": '"city": "Pa'}}
+    (piece,) = parser.push_events('ris"}}')  # the call object's own brace is held back
+    assert piece.arguments == 'ris"}' and not piece.is_last
+    (last,) = parser.push_events("\n</tool_call>")
+    assert last.is_last and last.arguments == ""
+    assert last.call.arguments == '{"city": "Paris"}'
+    assert parser.finish_events() == []
+
+
+def test_streamed_pieces_add_up_for_any_split():
+    text = 'Hi <tool_call>{"name": "f", "arguments": {"a": "}}", "b": [1, {}]} }</tool_call> ok'
+    whole = events_of(text, [])
+    for cut in range(len(text) + 1):
+        events = events_of(text, [cut])
+        pieces = [e for e in events if not isinstance(e, str)]
+        assert "".join(p.arguments for p in pieces) == '{"a": "}}", "b": [1, {}]}'
+        assert sum(p.is_first for p in pieces) == 1 and pieces[-1].is_last
+        assert "".join(e for e in events if isinstance(e, str)) == "Hi ok"
+    assert tool_call_deltas([e for e in whole if not isinstance(e, str)]) == [
+        {
+            "index": 0,
+            "id": whole[1].call.id,
+            "type": "function",
+            "function": {"name": "f", "arguments": '{"a": "}}", "b": [1, {}]}'},
+        }
+    ]
+
+
+def test_undeclared_or_extra_calls_do_not_stream_and_stay_content():
+    text = '<tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    assert events_of(text, [30], names={"f"}) == [text]
+    two = text.replace('"g"', '"f"') * 2
+    events = events_of(two, [5, 40, 70], names={"f"}, max_calls=1)
+    assert [e.is_last for e in events if not isinstance(e, str)][-1]
+    assert [e for e in events if isinstance(e, str)] == [two[len(two) // 2 :]]
+
+
+def test_a_cut_off_streaming_call_ends_at_finish():
+    events = events_of('<tool_call>{"name": "f", "arguments": {"a": 1', [20])
+    assert events[-1].is_last and events[-1].call.arguments == '{"a": 1'

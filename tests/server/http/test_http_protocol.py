@@ -14,7 +14,7 @@ from server.http.errors import HTTPError, error_body
 from server.http.messages import JSONResponse, Request, Response, StreamingResponse
 from server.http.routing import Router
 from server.http.server import HTTPServer
-from server.http.sse import EventSourceResponse, encode_event
+from server.http.sse import EventSourceResponse, encode_event, encode_named_event
 from server.http.wire import response_bytes, stream_head, wants_keep_alive
 from tests.server.helpers import BytesReader, fast_config, request_bytes
 
@@ -461,6 +461,22 @@ def test_check_auth_constant_time_bytes():
         assert ("www-authenticate", "Bearer") in info.value.headers
 
 
+def test_check_auth_takes_the_key_as_x_api_key():
+    server = HTTPServer(Router(), ServerConfig(api_key="key"))
+    server.check_auth(None, "key")
+    server.check_auth("Bearer wrong", "key")
+    server.check_auth("Bearer key", "wrong")
+    for authorization, x_api_key in (
+        (None, "wrong"),
+        (None, ""),
+        ("Bearer k", "ke"),
+        ("key", None),
+    ):
+        with pytest.raises(HTTPError) as info:
+            server.check_auth(authorization, x_api_key)
+        assert info.value.status == 401 and "x-api-key" in info.value.message
+
+
 def test_response_bytes_validation_and_framing():
     assert response_bytes(200, b"text/plain", b"hi", [], True, False) == (
         b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nhi"
@@ -558,6 +574,12 @@ def test_encode_event(item, frame):
 def test_encode_event_refuses_other_types():
     with pytest.raises(TypeError):
         encode_event(3)
+
+
+def test_encode_named_event():
+    assert encode_named_event("ping", {"type": "ping"}) == b'event: ping\ndata: {"type":"ping"}\n\n'
+    with pytest.raises(ValueError):
+        encode_named_event("a\nb", "x")
 
 
 def test_request_json_and_callbacks(caplog):

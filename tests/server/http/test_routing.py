@@ -107,3 +107,15 @@ def test_duplicate_route_is_refused(router, method, path):
 def test_bad_route_definitions(method, path):
     with pytest.raises(ValueError):
         Router().add(method, path, h_get)
+
+
+def test_error_format_applies_to_its_paths_only():
+    r = Router()
+    r.add_error_format("/v1/messages/", lambda exc: HTTPError(exc.status, f"formatted: {exc}"))
+    error = HTTPError(404, "gone")
+    for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/messages/a/b"):
+        assert r.error_for(path, error).message == "formatted: gone"
+    for path in ("/v1/messagesx", "/v1/models", "/"):
+        assert r.error_for(path, error) is error
+    with pytest.raises(ValueError):
+        r.add_error_format("v1", lambda exc: exc)
