@@ -3,6 +3,7 @@
     python bench/engine_bench.py                       # default model, CPU fp32, scaled-down workload
     python bench/engine_bench.py --num-seqs 256 --min-len 100 --max-len 1024   # nano-vllm's workload
     python bench/engine_bench.py --shape qwen3-0.6b --device cuda              # random weights, GPU
+    python bench/engine_bench.py --quantization none,int8,int4 --parts decode --decode-batches 1
 
 Measures, in one process, after a warm-up and with a fixed seed:
   (a) offline throughput: --num-seqs requests with prompt and output lengths drawn uniformly from
@@ -16,6 +17,9 @@ Measures, in one process, after a warm-up and with a fixed seed:
       the roofline tok/s that bandwidth implies.
       Baselines: transformers' `generate` at batch 1 and a fixed-batch greedy decode loop
       (model forward with its DynamicCache) at every batch size.
+  (c) with --quantization listing more than one mode (CPU): the decode of (b) for each further
+      mode's engine (weight-only int8 / int4 linear layers, model/layers/quant.py), measured
+      alternately with the first mode's, with its ratio to the first mode.
 Prints every figure and ours/HF ratios with the targets of the CPU default-model run.
 --shape writes a random-weight checkpoint of a known shape (tokenizer of the default model) to a
 temporary folder, so GPU shapes need no download.
@@ -73,7 +77,14 @@ def random_prompts(rng: random.Random, lengths: list[int], vocab: int) -> list[l
 # ---- ours ---------------------------------------------------------------------------------
 
 
-def build_engine(args, model_dir: Path, max_model_len: int, max_num_seqs: int, kv_tokens: int):
+def build_engine(
+    args,
+    model_dir: Path,
+    max_model_len: int,
+    max_num_seqs: int,
+    kv_tokens: int,
+    quantization: str,
+):
     """LLMEngine for the run; the CPU KV pool holds `kv_tokens` unless --kv-cache-gib says."""
     import torch
 
@@ -99,6 +110,7 @@ def build_engine(args, model_dir: Path, max_model_len: int, max_num_seqs: int, k
             kv_cache_memory_bytes=kv_bytes,
             gpu_memory_utilization=args.gpu_memory_utilization,
             cpu_packed_weights=not args.plain_linear,
+            quantization=quantization,
         )
     )
 
@@ -168,15 +180,18 @@ def model_bytes(engine) -> tuple[int, int]:
     model = engine.runner.model
     elem = engine.runner.kv_cache.element_size()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    # Layers running from oneDNN-packed weights have released their plain ones: count the shape.
-    weight_bytes += sum(
-        m.in_features * m.out_features * elem
-        for m in model.modules()
-        if isinstance(m, Linear) and m.weight is None
-    )
-    if model.lm_head is not None:  # untied: a step reads only a few embedding rows
+    # Layers running from oneDNN-packed or quantized weights have released their plain ones:
+    # count the shape, or the quantized bytes.
+    for m in model.modules():
+        if isinstance(m, Linear) and m.weight is None:
+            quantized = m.quantized
+            weight_bytes += quantized.nbytes if quantized else m.in_features * m.out_features * elem
+    # A step reads only a few embedding rows unless the (tied) LM head is the embedding itself.
+    if model.lm_head is not None or model.lm_head_quantized is not None:
         emb = model.model.embed_tokens.weight
         weight_bytes -= emb.numel() * emb.element_size()
+    if model.lm_head is None and model.lm_head_quantized is not None:
+        weight_bytes += model.lm_head_quantized.nbytes
     mc = engine.model_config
     kv_bytes_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * elem
     return weight_bytes, kv_bytes_per_token
@@ -326,6 +341,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="CPU: F.linear on the stored weights instead of oneDNN-packed ones",
     )
+    p.add_argument(
+        "--quantization",
+        default="none",
+        help="CPU: comma-separated weight modes (none, int8, int4); the first is the main engine, "
+        "each further one is measured against it in (c)",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument(
         "--hf-throughput",
@@ -336,6 +357,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.parts = {s.strip() for s in args.parts.split(",") if s.strip()}
     args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
+    args.quantization = [q.strip() for q in args.quantization.split(",") if q.strip()]
+    assert args.quantization and set(args.quantization) <= {"none", "int8", "int4"}, (
+        args.quantization
+    )
     assert args.parts <= {"throughput", "decode"}, args.parts
     assert 1 <= args.min_len <= args.max_len and args.decode_new_tokens >= 2
     return args
@@ -390,6 +415,8 @@ class Results:
     hf_tp: tuple[float, int] | str | None = None  # or why it is unavailable
     decode_ours: dict[int, DecodeResult] = field(default_factory=dict)
     decode_hf: dict[int, DecodeResult] = field(default_factory=dict)
+    # further --quantization modes: mode -> batch -> result
+    decode_modes: dict[str, dict[int, DecodeResult]] = field(default_factory=dict)
     hf_generate_b1: float | None = None
 
     def keep_best(self, results: dict[int, DecodeResult], batch: int, new: DecodeResult) -> None:
@@ -423,15 +450,19 @@ def run(args, model_dir: Path, is_cuda: bool) -> int:
         max(batches or [4]) * (args.decode_prompt_len + args.decode_new_tokens),
         max_model_len,
     )
-    t0 = time.perf_counter()
-    engine = build_engine(args, model_dir, max_model_len, max_num_seqs, kv_tokens)
+    engines = {}  # --quantization mode -> (engine, weight bytes per step)
+    for mode in args.quantization:
+        t0 = time.perf_counter()
+        mode_engine = build_engine(args, model_dir, max_model_len, max_num_seqs, kv_tokens, mode)
+        engines[mode] = (mode_engine, model_bytes(mode_engine)[0])
+        print(
+            f"ours ({mode} weights) loaded in {time.perf_counter() - t0:.1f} s: weights read per "
+            f"step {engines[mode][1] / 1e6:.1f} MB"
+        )
+    engine, weight_bytes = engines[args.quantization[0]]
     vocab = min(engine.model_config.vocab_size, engine.tokenizer.vocab_size)
-    weight_bytes, kv_bytes_per_token = model_bytes(engine)
-    print(
-        f"ours loaded in {time.perf_counter() - t0:.1f} s: weights read per step "
-        f"{weight_bytes / 1e6:.1f} MB, KV {kv_bytes_per_token / 1e3:.1f} kB/token, "
-        f"KV pool {engine.num_kv_tokens} tokens"
-    )
+    kv_bytes_per_token = model_bytes(engine)[1]
+    print(f"KV {kv_bytes_per_token / 1e3:.1f} kB/token, KV pool {engine.num_kv_tokens} tokens")
 
     def bytes_of_step(num_ctx_tokens: float) -> float:
         return weight_bytes + num_ctx_tokens * kv_bytes_per_token
@@ -445,7 +476,8 @@ def run(args, model_dir: Path, is_cuda: bool) -> int:
     warm = random_prompts(rng, [args.decode_prompt_len] * max(batches or [4]), vocab)
     budget = engine.config.max_num_batched_tokens
     num_prefill_steps = -(-len(warm) * args.decode_prompt_len // budget)
-    ours_decode(engine, warm, 4 + num_prefill_steps, weight_bytes, kv_bytes_per_token)
+    for mode_engine, mode_bytes in engines.values():
+        ours_decode(mode_engine, warm, 4 + num_prefill_steps, mode_bytes, kv_bytes_per_token)
 
     res = Results(copy_gbs, read_gbs, prompt_lens)
     run_hf = not args.no_hf
@@ -473,10 +505,20 @@ def run(args, model_dir: Path, is_cuda: bool) -> int:
                 kv_bytes_per_token,
             )
             res.keep_best(res.decode_ours, batch, new)
+            for mode in args.quantization[1:]:
+                mode_engine, mode_bytes = engines[mode]
+                new = ours_decode(
+                    mode_engine,
+                    decode_prompts[batch],
+                    args.decode_new_tokens,
+                    mode_bytes,
+                    kv_bytes_per_token,
+                )
+                res.keep_best(res.decode_modes.setdefault(mode, {}), batch, new)
             if hf is not None:
                 measure_hf_decode(batch)
     if run_hf and is_cuda:  # free our weights and KV pool before loading the baseline
-        del engine
+        del engine, engines
         gc.collect()
         torch.cuda.empty_cache()
         hf = load_hf(model_dir, device, dtype)
@@ -538,6 +580,13 @@ def report(args, res: Results) -> None:
             print(
                 f"          HF loop    {theirs.tok_s:8.1f} tok/s {theirs.step_s * 1e3:7.1f} ms/step "
                 f"{theirs.gb_s:6.1f} GB/s   ours/HF loop {ratio(ours.tok_s, theirs.tok_s)}"
+            )
+        for mode, results in res.decode_modes.items():
+            other = results[batch]
+            print(
+                f"          {mode:<10s} {other.tok_s:8.1f} tok/s {other.step_s * 1e3:7.1f} ms/step "
+                f"{other.gb_s:6.1f} GB/s   {mode}/{args.quantization[0]} "
+                f"{ratio(other.tok_s, ours.tok_s)}"
             )
         if batch == 1 and res.hf_generate_b1 is not None:
             print(

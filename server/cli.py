@@ -65,7 +65,7 @@ def comma_list(text: str) -> tuple[str, ...]:
 
 
 def add_serve_flags(serve: argparse.ArgumentParser) -> None:
-    from model.engine.config import DTYPES, EngineConfig
+    from model.engine.config import DTYPES, QUANTIZATIONS, EngineConfig
     from server.api.handlers import APIState
     from server.http.config import ServerConfig
 
@@ -124,6 +124,29 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     )
     add_config_flag(
         serve, "--no-prefix-caching", EngineConfig, "enable_prefix_caching", action="store_false"
+    )
+    add_config_flag(
+        serve,
+        "--quantization",
+        EngineConfig,
+        "quantization",
+        choices=list(QUANTIZATIONS),
+        help="CPU: weight-only int8 (per channel) or int4 (group 32) linear layers",
+    )
+    add_config_flag(
+        serve,
+        "--tensor-parallel-size",
+        EngineConfig,
+        "tensor_parallel_size",
+        type=int,
+        help="shard the model over N processes (NCCL on CUDA, gloo on the CPU)",
+    )
+    add_config_flag(
+        serve,
+        "--distributed-init-method",
+        EngineConfig,
+        "distributed_init_method",
+        help="torch.distributed rendezvous for tensor parallelism (default: a free local tcp:// port)",
     )
     add_config_flag(
         serve, "--max-n", APIState, "max_n", type=int, help="largest n a request may ask for"

@@ -73,12 +73,20 @@ def print_summary(
     cfg = engine.config
     kv_tokens = engine.num_kv_tokens
     host = f"[{config.host}]" if ":" in config.host else config.host
+    driver = engine.runner.driver  # rank 0 of a tensor-parallel group, or None
+    tensor_parallel = (
+        f", tensor parallel over {cfg.tensor_parallel_size} ranks ({driver.backend})"
+        if driver
+        else ""
+    )
     lines = [
         f"nanoserve ready in {load_time_s:.1f} s",
         f"  model        {model_name} ({engine.model_config.architecture}, "
         f"{engine.model_config.num_hidden_layers} layers)",
         f"  device       {cfg.device}, {cfg.dtype}, attention backend {cfg.attn_backend}"
-        + (", oneDNN-packed linear layers" if engine.runner.packed_weights else ""),
+        + (", oneDNN-packed linear layers" if engine.runner.packed_weights else "")
+        + (f", {engine.runner.quantized_weights}" if engine.runner.quantized_weights else "")
+        + tensor_parallel,
         f"  KV cache     {kv_tokens} tokens in {engine.runner.num_blocks} blocks of "
         f"{cfg.block_size}; prefix caching {'on' if cfg.enable_prefix_caching else 'off'}",
         f"  context      {engine.max_model_len} tokens; up to {cfg.max_num_seqs} sequences, "

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 MiB = 1 << 20
 GiB = 1 << 30
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no graphs for decode steps
     num_threads: int | None = None
     cpu_packed_weights: bool = True  # CPU: linear layers from oneDNN-packed weights
+    quantization: str = "none"  # CPU: none | int8 (per channel) | int4 (group 32) weight-only
+    tensor_parallel_size: int = 1  # ranks the model is sharded over (N - 1 worker processes)
+    distributed_init_method: str | None = None  # torch.distributed rendezvous; None: a free tcp://
 
     def __post_init__(self) -> None:
         import torch
@@ -45,6 +49,15 @@ class EngineConfig:
             self.dtype = "bfloat16" if is_cuda else "float32"
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}"
+            )
+        if is_cuda and self.quantization != "none":
+            raise ValueError(
+                f"quantization {self.quantization!r} runs on the CPU only; "
+                "use --quantization none with CUDA"
+            )
         if self.attn_backend == "auto":
             from model.layers.attention.triton_backend import triton_available
 
@@ -60,6 +73,21 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_cache_memory_bytes <= 0:
             raise ValueError("kv_cache_memory_bytes must be > 0")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+        if is_cuda and self.tensor_parallel_size > 1:
+            last = self.rank_device(self.tensor_parallel_size - 1)
+            if torch.device(last).index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"tensor_parallel_size {self.tensor_parallel_size} from {self.device} needs "
+                    f"GPUs up to {last}; {torch.cuda.device_count()} are visible"
+                )
+
+    def rank_device(self, rank: int) -> str:
+        """The device of tensor-parallel rank `rank`: the GPU `rank` after this config's on CUDA."""
+        if not self.device.startswith("cuda"):
+            return self.device
+        return f"cuda:{int(self.device.partition(':')[2] or 0) + rank}"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -54,7 +54,13 @@ class LLMEngine:
         self.config = config
         t0 = time.perf_counter()
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
-        self.runner = ModelRunner(config)
+        if config.tensor_parallel_size > 1:  # rank 0: start the workers, then load our shard
+            from model.engine.distributed import TPDriver
+
+            driver = TPDriver(config)
+            self.runner = ModelRunner(config, driver.tp, driver)
+        else:
+            self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.runner.device.type == "cuda":
@@ -78,7 +84,12 @@ class LLMEngine:
             )
             self.max_model_len = fits
         self.runner.allocate_kv_cache(num_blocks)
-        if self.runner.device.type == "cuda" and not config.enforce_eager:
+        # Tensor parallel: decode runs eagerly (no collectives inside captured graphs).
+        if (
+            self.runner.device.type == "cuda"
+            and not config.enforce_eager
+            and config.tensor_parallel_size == 1
+        ):
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
@@ -202,6 +213,8 @@ class LLMEngine:
             result = self.runner.run(out.scheduled)
         except Exception as exc:  # a failed step fails its requests, the engine keeps serving
             logger.exception("engine step failed")
+            if self.runner.driver is not None:  # ranks may be out of step: nothing can run
+                self.runner.driver.fail(f"tensor-parallel step failed: {exc}")
             return self._fail_requests({s.seq.request_id for s in out.scheduled}, exc)
         self.prompt_tokens_total += sum(
             s.num_new_tokens

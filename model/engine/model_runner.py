@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -21,6 +22,7 @@ from model.engine.outputs import PromptLogprob
 from model.engine.scheduler import ScheduledSeq
 from model.engine.sequence import Sequence
 from model.layers.attention.metadata import build_attention_metadata
+from model.layers.parallel import TPContext, shard_model
 from model.models.loader import load_model
 from model.sample.metadata import SamplerOutput, SamplingMetadata, SamplingRow
 from model.sample.sampler import Sampler
@@ -40,25 +42,74 @@ class RunnerOutput:
     prompt_logprobs: list[tuple[Sequence, list[PromptLogprob]]] = field(default_factory=list)
 
 
+class StepBroadcaster(Protocol):
+    """Rank 0's side of a tensor-parallel group (TPDriver, model/engine/distributed.py): what
+    the runner sends the workers so they run each forward alongside it."""
+
+    tp: TPContext
+    backend: str
+
+    def send_step(
+        self,
+        num_blocks: int,
+        input_ids: list[int],
+        positions: list[int],
+        seq_lens: list[int],
+        query_lens: list[int],
+        block_tables: list[list[int]],
+        score_rows: list[int],
+        sample_rows: list[int],
+    ) -> None: ...
+
+    def send_profile(self) -> None: ...
+
+    def fail(self, message: str) -> None: ...
+
+
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        tp: TPContext | None = None,
+        driver: StepBroadcaster | None = None,
+    ) -> None:
+        """tp: this rank's place in a tensor-parallel group (model/engine/distributed.py), whose
+        rank 0 also has the `driver` that sends each step to the other ranks."""
         self.config = config
         self.device = torch.device(config.device)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        self.tp = tp
+        self.driver = driver
         self.model, self.model_config = load_model(
             config.model_dir,
             device=config.device,
             dtype=config.torch_dtype,
             attn_backend=config.attn_backend,
         )
-        # CPU: every linear layer from oneDNN-packed weights (model/layers/linear.py) when it can.
+        if tp is not None:  # before packing or quantizing: they work on this rank's slices
+            shard_model(self.model, tp)
+        # This rank's KV heads (all of them without tensor parallelism).
+        self.num_kv_heads = self.model_config.num_key_value_heads // config.tensor_parallel_size
+        # CPU: the linear layers from weight-only quantized weights (model/layers/quant.py) when
+        # asked, the rest from oneDNN-packed ones (model/layers/linear.py) when they can.
+        self.quantized_weights = ""  # the summary's words for them once every layer is quantized
         self.packed_weights = False
-        if self.device.type == "cpu" and config.cpu_packed_weights:
+        if self.device.type == "cpu" and config.quantization != "none":
+            from model.layers.quant import quantization_label
+
+            if self.model.quantize_for_cpu(config.quantization):
+                self.quantized_weights = quantization_label(config.quantization)
+            else:
+                logger.warning(
+                    "%s kernels unavailable for some linear layers; they run unquantized",
+                    config.quantization,
+                )
+        if self.device.type == "cpu" and config.cpu_packed_weights and not self.quantized_weights:
             self.packed_weights = self.model.pack_for_cpu()
             if not self.packed_weights:
                 logger.info("oneDNN-packed weights unavailable for %s; F.linear", config.dtype)
@@ -71,7 +122,7 @@ class ModelRunner:
     def block_bytes(self) -> int:
         """Bytes of K and V for one block across all layers."""
         mc: ModelConfig = self.model_config
-        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim
+        per_token = 2 * mc.num_hidden_layers * self.num_kv_heads * mc.head_dim
         return per_token * self.config.block_size * dtype_size(self.config.torch_dtype)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -84,7 +135,7 @@ class ModelRunner:
             2,
             num_blocks,
             self.config.block_size,
-            mc.num_key_value_heads,
+            self.num_kv_heads,
             mc.head_dim,
             dtype=self.config.torch_dtype,
             device=self.device,
@@ -113,6 +164,8 @@ class ModelRunner:
     def num_blocks_for_gpu(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
         """Blocks that fit in the GPU memory left after weights and a warm-up at the largest batch."""
         assert self.device.type == "cuda"
+        if self.driver is not None:
+            self.driver.send_profile()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -121,7 +174,8 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated()
         used_by_others = total - free - torch.cuda.memory_reserved()
         budget = total * gpu_memory_utilization - used_by_others - peak
-        return max(int(budget // self.block_bytes), 0)
+        num_blocks = max(int(budget // self.block_bytes), 0)
+        return num_blocks if self.tp is None else self.tp.min_over_ranks(num_blocks)
 
     @torch.inference_mode()
     def warm_up(self, num_tokens: int) -> None:
@@ -192,6 +246,17 @@ class ModelRunner:
                 sample_indices.append(num_tokens - 1)
                 rows.append(seq.sampling_row)
         device = self.device
+        if self.driver is not None:
+            self.driver.send_step(
+                self.num_blocks,
+                input_ids,
+                positions,
+                seq_lens,
+                query_lens,
+                block_tables,
+                score_rows,
+                sample_indices,
+            )
         meta = build_attention_metadata(
             seq_lens, query_lens, block_tables, self.config.block_size, device
         )

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.layers.quant import QuantizedWeight
+
 logger = logging.getLogger("nanoserve.cpu_linear")
 
 # The batch size oneDNN tunes the packed layout for; the result is correct for any batch.
@@ -75,9 +77,11 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can run from a oneDNN-packed weight (LlamaForCausalLM.pack_for_cpu)."""
+    """nn.Linear that can run from a oneDNN-packed weight (LlamaForCausalLM.pack_for_cpu) or a
+    weight-only quantized one (quantize_for_cpu, model/layers/quant.py)."""
 
     packed_weight: torch.Tensor | None = None
+    quantized: QuantizedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self)
@@ -87,4 +91,6 @@ def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
     """`layer(x)` without the cost of a module call."""
     if layer.packed_weight is not None:
         return packed_linear(x, layer.packed_weight, layer.bias)
+    if layer.quantized is not None:
+        return layer.quantized(x, layer.bias)
     return F.linear(x, layer.weight, layer.bias)

@@ -6,6 +6,8 @@ Weights keep Hugging Face names except two fusions made at load time (see weight
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,11 @@ from model.layers.attention.torch_backend import TorchAttentionBackend
 from model.layers.fused_ops import silu_and_mul
 from model.layers.linear import Linear, linear, pack_weight, packed_linear
 from model.layers.norm import RMSNorm
+from model.layers.quant import QuantizedWeight, quantize_weight
 from model.layers.rotary import apply_rope, rope_cos_sin_cache
+
+if TYPE_CHECKING:
+    from model.layers.parallel import TPContext
 
 
 class LlamaAttention(nn.Module):
@@ -38,6 +44,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.attn_backend = attn_backend
+        self.tp: TPContext | None = None  # set by shard_model() (model/layers/parallel.py)
 
     def forward(
         self,
@@ -66,7 +73,8 @@ class LlamaAttention(nn.Module):
             v = qkv[:, self.q_size + self.kv_size :]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-        return linear(out.reshape(num_tokens, self.q_size), self.o_proj)
+        out = linear(out.reshape(num_tokens, self.q_size), self.o_proj)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LlamaMLP(nn.Module):
@@ -75,10 +83,12 @@ class LlamaMLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.tp: TPContext | None = None  # set by shard_model()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = linear(x, self.gate_up_proj)  # (T, 2 * intermediate)
-        return linear(silu_and_mul(gate_up), self.down_proj)
+        out = linear(silu_and_mul(gate_up), self.down_proj)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -140,6 +150,8 @@ class LlamaForCausalLM(nn.Module):
         # (P, hd) cos|sin table; rebuilt by init_rope_cache() after materialising the module.
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
         self.lm_head_packed: torch.Tensor | None = None  # set by pack_for_cpu()
+        self.lm_head_quantized: QuantizedWeight | None = None  # set by quantize_for_cpu()
+        self.tp: TPContext | None = None  # set by shard_model(): this rank's vocabulary slice
 
     def init_rope_cache(self) -> None:
         """(Re)compute the RoPE table on the module's device, in the module's dtype."""
@@ -160,7 +172,11 @@ class LlamaForCausalLM(nn.Module):
         every sequence in `meta` must be a whole prompt, nothing cached).
         """
         assert self.cos_sin_cache.numel(), "call init_rope_cache() (load_model does) first"
-        hidden = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, H)
+        embed = self.model.embed_tokens.weight
+        # (T, H); sharded: a masked lookup of this rank's vocabulary rows + an all-reduce.
+        hidden = (
+            F.embedding(input_ids, embed) if self.tp is None else self.tp.embed(input_ids, embed)
+        )
         cos_sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1)  # (T, 1, hd)
         cos, sin = cos_sin.chunk(2, dim=-1)  # (T, 1, hd/2) each
         residual = None
@@ -178,19 +194,27 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden_size] (rows that sample) -> logits [N, vocab] float32."""
+        """hidden: [N, hidden_size] (rows that sample) -> logits [N, vocab] float32.
+
+        Sharded: every rank must call it with the same rows; rank 0 gets [N, vocab], the
+        others their own vocabulary slice."""
         if self.lm_head_packed is not None:
-            return packed_linear(hidden, self.lm_head_packed).float()
-        return F.linear(hidden, self.lm_head_weight).float()
+            logits = packed_linear(hidden, self.lm_head_packed).float()
+        elif self.lm_head_quantized is not None:
+            logits = self.lm_head_quantized(hidden).float()
+        else:
+            logits = F.linear(hidden, self.lm_head_weight).float()
+        return logits if self.tp is None else self.tp.gather_logits(logits)
 
     def pack_for_cpu(self) -> bool:
         """Run the linear layers and the LM head from oneDNN-packed weights (model/cpu_linear.py).
 
         Each packed layer releases its plain weight (tied embeddings stay for the lookup), one
         layer at a time so the weights are never held twice. Returns whether every layer was
-        packed; a layer that cannot be (device, dtype, torch build) keeps F.linear.
+        packed; a layer that cannot be (device, dtype, torch build) keeps F.linear. Layers
+        quantized by quantize_for_cpu() (called first) stay quantized.
         """
-        if self.lm_head_packed is None:
+        if self.lm_head_packed is None and self.lm_head_quantized is None:
             self.lm_head_packed = pack_weight(self.lm_head_weight)
             if self.lm_head_packed is None:
                 return False
@@ -198,10 +222,36 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head.packed_weight, self.lm_head.weight = self.lm_head_packed, None
         all_packed = True
         for layer in self.model.layers.modules():
-            if isinstance(layer, Linear) and layer.packed_weight is None:
+            if isinstance(layer, Linear) and layer.weight is not None:
                 layer.packed_weight = pack_weight(layer.weight, layer.bias)
                 if layer.packed_weight is None:
                     all_packed = False
                 else:
                     layer.weight = None  # in_features/out_features keep the shape
         return all_packed
+
+    def quantize_for_cpu(self, mode: str) -> bool:
+        """Run the linear layers and the LM head from weight-only `mode` ("int8" or "int4")
+        weights (model/layers/quant.py); the embeddings stay as they are.
+
+        Call it before pack_for_cpu(), which then packs only what was not quantized. Each
+        quantized layer releases its plain weight (tied embeddings stay for the lookup), one layer
+        at a time. Returns whether every layer was quantized; a layer that cannot be (shape,
+        dtype, torch build) keeps its weight.
+        """
+        assert self.lm_head_packed is None, "quantize_for_cpu() needs the plain weights"
+        all_quantized = True
+        if self.lm_head_quantized is None:
+            self.lm_head_quantized = quantize_weight(self.lm_head_weight, mode)
+            if self.lm_head_quantized is None:
+                all_quantized = False
+            elif self.lm_head is not None:
+                self.lm_head.quantized, self.lm_head.weight = self.lm_head_quantized, None
+        for layer in self.model.layers.modules():
+            if isinstance(layer, Linear) and layer.weight is not None:
+                layer.quantized = quantize_weight(layer.weight, mode, layer.bias)
+                if layer.quantized is None:
+                    all_quantized = False
+                else:
+                    layer.weight = None  # in_features/out_features keep the shape
+        return all_quantized

@@ -31,7 +31,7 @@ def sdk(server: ServerProcess, api_key: str | None = None) -> anthropic.Anthropi
         base_url=server.base_url,
         api_key=api_key or server.api_key or "unused",
         max_retries=0,  # a retried 429 or 5xx would hide what the server answered
-        timeout=60.0,
+        timeout=120.0,  # generous: CI machines have two cores
     )
 
 

@@ -190,7 +190,8 @@ def test_tools_auto_returns_content_or_tool_calls(
     with stream:
         chunks = [c for c in stream if c.choices]
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
-    names = [t.function.name for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    deltas = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    names = [t.function.name for t in deltas if t.function.name]
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
     assert names == [t.function.name for t in choice.message.tool_calls or []]
     assert content == (choice.message.content or "")

@@ -333,7 +333,7 @@ def test_logprobs_after_penalties_and_floor():
     ("field", "value"),
     [
         ("n", 0),
-        ("max_tokens", 0),
+        ("max_tokens", -1),
         ("temperature", -0.1),
         ("temperature", math.nan),
         ("top_p", 0.0),
