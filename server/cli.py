@@ -70,7 +70,9 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     from server.http.config import ServerConfig
 
     serve.add_argument(
-        "model_dir", nargs="?", help="Hugging Face model folder (default: the default model)"
+        "model_dir",
+        nargs="?",
+        help="Hugging Face model folder or a .gguf file (default: the default model)",
     )
     add_config_flag(serve, "--host", ServerConfig, "host")
     add_config_flag(serve, "--port", ServerConfig, "port", type=int)
@@ -130,8 +132,10 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         "--quantization",
         EngineConfig,
         "quantization",
-        choices=list(QUANTIZATIONS),
-        help="CPU: weight-only int8 (per channel) or int4 (group 32) linear layers",
+        default="auto",
+        choices=["auto", *QUANTIZATIONS],
+        help="CPU: weight-only int8 (per channel) or int4 (group 32) linear layers; "
+        "auto: a GGUF's own precision (Q4 -> int4, Q5-Q8 -> int8), none for a folder",
     )
     add_config_flag(
         serve,
@@ -225,11 +229,37 @@ def fail(message: str, code: int) -> int:
 
 
 def resolve_model_dir(model_dir: str | None) -> Path:
+    """The model folder: the one given, the default model's, or a GGUF file's conversion."""
+    if model_dir and is_gguf(model_dir):
+        from model.hub.default_model import gguf_model_dir
+
+        return gguf_model_dir(model_dir)
     if model_dir:
         return Path(model_dir)
     from model.hub.default_model import ensure_default_model
 
     return ensure_default_model()
+
+
+def is_gguf(path: str) -> bool:
+    return Path(path).suffix.lower() == ".gguf" and Path(path).is_file()
+
+
+def resolve_quantization(
+    requested: str, model_arg: str | None, model_dir: Path, device: str
+) -> str:
+    """--quantization auto: a GGUF file's own precision on the CPU (the quantized kernels are
+    CPU ones), none for a model folder or on CUDA."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if model_arg and is_gguf(model_arg) and not on_cuda:
+        from model.hub.default_model import gguf_source
+
+        return (gguf_source(model_dir) or {}).get("quantization", "none")
+    return "none"
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -294,7 +324,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ModelConfig.from_dir(model_dir)
     Tokenizer.from_dir(model_dir)
     checkpoint_files(model_dir)
-    model_name = args.served_model_name or model_dir.resolve().name
+    default_name = Path(args.model_dir).stem if args.model_dir and is_gguf(args.model_dir) else None
+    model_name = args.served_model_name or default_name or model_dir.resolve().name
+    quantization = resolve_quantization(
+        getattr(args, "EngineConfig.quantization"),
+        args.model_dir,
+        model_dir,
+        getattr(args, "EngineConfig.device"),
+    )
+    setattr(args, "EngineConfig.quantization", quantization)
     try:
         engine_config = config_from_args(args, EngineConfig, model_dir=str(model_dir))
         server_config = config_from_args(args, ServerConfig)

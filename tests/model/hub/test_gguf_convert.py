@@ -13,7 +13,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 
 from model.errors import ConversionError
 from model.hub.default_model import convert_gguf
-from model.hub.gguf.convert import unpermute_rope_rows
+from model.hub.gguf.convert import quantization_for, unpermute_rope_rows
 from model.text.tokenizer import Tokenizer
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, CONTEXT = 64, 4, 2, 96, 2, 512
@@ -184,6 +184,17 @@ def test_round_trip_weights(tmp_path: Path, qtype: GGMLQuantizationType, tied: b
         np.testing.assert_array_equal(state[name], _bf16(value), err_msg=name)
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is tied
+    source = json.loads((out / "gguf_source.json").read_text())
+    assert source["file"] == "tiny.gguf" and set(source["weight_types"]) == {qtype.name}
+    expected_quantization = {"Q8_0": "int8", "Q4_1": "int4", "Q4_0": "int4"}
+    assert source["quantization"] == expected_quantization.get(qtype.name, "none")
+
+
+def test_quantization_for_weight_types() -> None:
+    assert quantization_for({"Q4_K": 150, "Q6_K": 30}) == "int4"
+    assert quantization_for({"Q5_K": 3, "Q8_0": 1}) == "int8"
+    assert quantization_for({"Q2_K": 1}) == "int4" and quantization_for({"IQ4_XS": 1}) == "int4"
+    assert quantization_for({"BF16": 7}) == "none" and quantization_for({}) == "none"
 
 
 def test_qk_rows_come_back_in_hf_order(tmp_path: Path) -> None:
