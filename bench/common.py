@@ -82,11 +82,25 @@ def wait_ready(url: str, proc: subprocess.Popen | None, path: str, timeout_s: fl
 
 
 @contextlib.contextmanager
-def launched(cmd: list[str], ready_path: str, port: int, log_name: str, timeout_s: float):
-    """Start a server subprocess, wait until `ready_path` answers 200, stop it on exit."""
+def launched(
+    cmd: list[str],
+    ready_path: str,
+    port: int,
+    log_name: str,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+):
+    """Start a server subprocess (`env`: extra environment variables), wait until `ready_path`
+    answers 200, stop it on exit."""
     with tempfile.NamedTemporaryFile(prefix=f"{log_name}-", suffix=".log", delete=False) as log:
         print(f"starting {log_name}: {' '.join(cmd)} (log {log.name})", flush=True)
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             t0 = time.perf_counter()

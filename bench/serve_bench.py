@@ -332,6 +332,16 @@ def llama_cpp_command(args, port: int, gguf: Path) -> list[str]:
     ]
 
 
+def llama_server_command(args, port: int, gguf: Path) -> list[str]:
+    """llama.cpp's C++ server with one slot per stream of the largest level (2,048 tokens each)."""
+    slots = max(args.concurrency)
+    threads = str(args.llama_cpp_threads or os.cpu_count())
+    return [
+        args.llama_server, "-m", str(gguf), "-t", threads, "-np", str(slots),
+        "-c", str(slots * 2048), "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
 # ---- the run -----------------------------------------------------------------------------------
 
 
@@ -419,6 +429,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--launch", action="store_true", help="start nanoserve on a free port")
     p.add_argument("--model-dir", help="--launch: model folder (default: the default model)")
     p.add_argument("--server-args", default="", help="--launch: extra `nanoserve serve` flags")
+    p.add_argument(
+        "--llama-server",
+        metavar="BIN",
+        help="compare with llama.cpp's C++ llama-server binary (the CPU peer), on the same\n"
+        "GGUF (--gguf), with -np = the largest --concurrency; LD_LIBRARY_PATH is its folder",
+    )
     p.add_argument("--compare-llama-cpp", action="store_true")
     p.add_argument(
         "--llama-cpp-python",
@@ -461,7 +477,15 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Target("nanoserve", url, args.api_key))
         else:
             targets.append(Target("server", args.url.rstrip("/"), args.api_key))
-        if args.compare_llama_cpp:
+        if args.llama_server:
+            port = free_port()
+            cmd = llama_server_command(args, port, find_gguf(args.gguf))
+            env = {"LD_LIBRARY_PATH": str(Path(args.llama_server).resolve().parent)}
+            url = stack.enter_context(
+                launched(cmd, "/v1/models", port, "llama-server", args.startup_timeout, env)
+            )
+            targets.append(Target("llama.cpp", url, None))
+        elif args.compare_llama_cpp:
             port = free_port()
             cmd = llama_cpp_command(args, port, find_gguf(args.gguf))
             url = stack.enter_context(
@@ -484,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     for level in ours + theirs:
         print(format_level(level))
     if ours and theirs:
-        print("ratios ours / llama-cpp-python:")
+        peer = "llama-server" if args.llama_server else "llama-cpp-python"
+        print(f"ratios ours / {peer}:")
         for a, b in zip(ours, theirs, strict=True):
             print(
                 f"  C={a.concurrency:<3} output tok/s {ratio(a.output_tok_s, b.output_tok_s)}, "
