@@ -28,7 +28,6 @@ from server.api.structured import compile_structured
 from server.api.tool_calls import (
     TOOL_CALL_END,
     TOOL_CALL_START,
-    ParserEvent,
     ToolCall,
     ToolCallDelta,
     ToolCallParser,
@@ -209,13 +208,8 @@ class MessageOutput(Output):
 
     def on_delta(self, prompt_index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
         choice = self._track(prompt_index, delta)
-        pieces: list[ParserEvent] = [delta.text]
-        if choice.parser is not None:
-            pieces = choice.parser.push_events(delta.text)
-            if delta.finish_reason is not None:
-                pieces += choice.parser.finish_events()
         events = []
-        for piece in pieces:
+        for piece in self._parse(choice, delta):
             if isinstance(piece, str):
                 events += self._add_text(piece) if piece else []
             else:

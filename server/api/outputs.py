@@ -126,6 +126,19 @@ class Output:
             return None
         return {**self.meta, "object": self.chunk_object, "choices": [], "usage": self.usage()}
 
+    def _parse(self, choice: _Choice, delta: GenerationDelta) -> list[ParserEvent]:
+        """The delta's text as content and tool-call pieces (all content when the request
+        parses no tool calls); calls the pieces start are added to the choice."""
+        if choice.parser is None:
+            return [delta.text]
+        events = choice.parser.push_events(delta.text)
+        if delta.finish_reason is not None:
+            events += choice.parser.finish_events()
+        choice.tool_calls.extend(
+            e.call for e in events if isinstance(e, ToolCallDelta) and e.is_first
+        )
+        return events
+
     def first_chunks(self) -> list[dict[str, Any]]:
         return []
 
@@ -174,15 +187,10 @@ class ChatOutput(Output):
             self.prompt_logprobs = vllm_prompt_logprobs(
                 self.tokenizer, delta.prompt_logprobs, self.prompt_logprobs_k
             )
-        events: list[ParserEvent] = [delta.text]
-        if choice.parser is not None:
-            events = choice.parser.push_events(delta.text)
-            if delta.finish_reason is not None:
-                events += choice.parser.finish_events()
+        events = self._parse(choice, delta)
         text = "".join(e for e in events if isinstance(e, str))
         pieces = [e for e in events if isinstance(e, ToolCallDelta)]
         choice.parts.append(text)
-        choice.tool_calls.extend(p.call for p in pieces if p.is_first)
         entries = None
         if self.wants_logprobs and delta.logprobs:
             entries = chat_logprobs(self.tokenizer, delta.logprobs)

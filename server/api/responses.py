@@ -26,7 +26,7 @@ from server.api.outputs import Output
 from server.api.prompts import chat_prompt, resolve_params
 from server.api.responses_request import ResponsesRequest, parse_responses_request
 from server.api.structured import compile_structured
-from server.api.tool_calls import ParserEvent, ToolCall, ToolCallDelta, ToolCallParser
+from server.api.tool_calls import ToolCall, ToolCallDelta, ToolCallParser
 from server.http.messages import Request, Response
 from server.http.sse import EventSourceResponse, encode_named_event
 
@@ -195,18 +195,11 @@ class ResponseOutput(Output):
 
     def on_delta(self, prompt_index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
         choice = self._track(prompt_index, delta)
-        pieces: list[ParserEvent] = [delta.text]
-        if choice.parser is not None:
-            pieces = choice.parser.push_events(delta.text)
-            if delta.finish_reason is not None:
-                pieces += choice.parser.finish_events()
         events = []
-        for piece in pieces:
+        for piece in self._parse(choice, delta):
             if isinstance(piece, str):
                 events += self._add_text(piece) if piece else []
             else:
-                if piece.is_first:
-                    choice.tool_calls.append(piece.call)
                 events += self._add_call_piece(piece)
         if delta.finish_reason is None:
             return events
