@@ -35,7 +35,7 @@ from server.api.tool_calls import (
 from server.http.errors import HTTPError, default_error_type
 from server.http.messages import JSONResponse, Request, Response
 from server.http.routing import Router
-from server.http.sse import EventSourceResponse, encode_named_event
+from server.http.sse import EventSourceResponse, TypedEventSourceResponse, encode_named_event
 
 PATH = "/v1/messages"
 
@@ -75,22 +75,12 @@ def anthropic_error(exc: HTTPError) -> AnthropicError:
     )
 
 
-class MessageEvents(EventSourceResponse):
+class MessageEvents(TypedEventSourceResponse):
     """Anthropic's event stream: each event is named by its `type` ("event: <type>" before
-    its data), keep-alives are `ping` events, and it ends with message_stop.
-
-    The items come from GenerationEvents (server/api/generation.py), which speaks OpenAI's
-    stream: its "[DONE]" is dropped here and its in-stream error body reshaped."""
+    its data), keep-alives are `ping` events, and it ends with message_stop (MessageOutput's
+    events, its in-stream error an `error` event)."""
 
     ping_frame = encode_named_event("ping", {"type": "ping"})
-
-    def encode(self, item: Any) -> bytes:
-        if isinstance(item, dict):
-            return encode_named_event(item["type"], item)
-        if item == "[DONE]":
-            return b""  # an empty frame is not written
-        error = orjson.loads(item)["error"]
-        return encode_named_event("error", error_payload(error["type"], error["message"]))
 
     def error_frame(self, exc: BaseException) -> bytes:
         if isinstance(exc, HTTPError):
@@ -112,6 +102,8 @@ def _tool_input(call: ToolCall) -> dict[str, Any] | None:
 class MessageOutput(Output):
     """One message: its content blocks, stop reason and usage, and the stream events that
     built them (the non-streaming body is made from the same blocks)."""
+
+    event_source = MessageEvents
 
     def __init__(
         self,
@@ -148,6 +140,12 @@ class MessageOutput(Output):
 
     def first_chunks(self) -> list[dict[str, Any]]:
         return [{"type": "message_start", "message": self._message([])}, {"type": "ping"}]
+
+    def stream_error(self, exc: HTTPError) -> dict[str, Any]:
+        return anthropic_error(exc).payload()
+
+    def stream_end(self) -> list[dict[str, Any]]:
+        return []  # message_stop, the last event, came with the final delta
 
     def _add_text(self, text: str) -> list[dict[str, Any]]:
         events = []
@@ -283,12 +281,7 @@ class AnthropicAPI:
         message_id = "msg_" + self.request_ids("msg", request).removeprefix("msg-")
         meta = {"id": message_id, "model": model}
         output = MessageOutput(req, meta, len(prompt_ids), tracker)
-        response = await api._run(
-            request, engine, output, message_id, [prompt_ids], params, req.stream
-        )
-        if isinstance(response, EventSourceResponse):
-            return MessageEvents(response.body_iterator)
-        return response
+        return await api._run(request, engine, output, message_id, [prompt_ids], params, req.stream)
 
     async def count_tokens(self, request: Request) -> Response:
         try:

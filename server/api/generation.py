@@ -163,7 +163,8 @@ async def collect(gen: Generation) -> dict[str, Any]:
 
 class GenerationEvents:
     """A streaming body's SSE events: the output's chunks per delta, the usage chunk, an
-    in-stream error if generation fails after the headers, then "[DONE]".
+    in-stream error if generation fails after the headers (Output.stream_error), then the
+    output's end of stream (Output.stream_end: "[DONE]" for OpenAI's).
 
     A class rather than an async generator: closing it must close the generation even when
     iteration never started (the client left first), and a generator that never started
@@ -200,8 +201,8 @@ class GenerationEvents:
             if not isinstance(exc, (HTTPError, RequestRejected)):
                 is_engine = isinstance(exc, EngineError)
                 logger.error("stream failed: %s", exc, exc_info=None if is_engine else exc)
-            self._pending.append(_failure(exc).body())
-        self._pending.append("[DONE]")
+            self._pending.append(output.stream_error(_failure(exc)))
+        self._pending.extend(output.stream_end())
         self._is_done = True
 
     async def aclose(self) -> None:

@@ -127,7 +127,7 @@ class OpenAIAPI:
         gen = Generation(engine, request, ids, output, self.state.retry_after_s)
         await gen.start(prompts, params)
         if stream:
-            return EventSourceResponse(GenerationEvents(gen))
+            return output.event_source(GenerationEvents(gen))
         collecting = asyncio.ensure_future(collect(gen))
         try:
             await asyncio.wait({collecting, gen.disconnected}, return_when=asyncio.FIRST_COMPLETED)

@@ -31,6 +31,8 @@ from server.api.tool_calls import (
     ToolCallParser,
     tool_call_deltas,
 )
+from server.http.errors import HTTPError
+from server.http.sse import EventSourceResponse
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -56,9 +58,11 @@ class _Choice:
 
 
 class Output:
-    """Shared bookkeeping: choices, usage, metrics. Subclasses shape the JSON."""
+    """Shared bookkeeping: choices, usage, metrics. Subclasses shape the JSON, and the stream:
+    its response class (how items become SSE frames), its in-stream error and its end."""
 
     chunk_object = ""
+    event_source: type[EventSourceResponse] = EventSourceResponse
 
     def __init__(
         self,
@@ -125,6 +129,14 @@ class Output:
         if not self.include_usage:
             return None
         return {**self.meta, "object": self.chunk_object, "choices": [], "usage": self.usage()}
+
+    def stream_error(self, exc: HTTPError) -> Any:
+        """The stream item a failure after the headers becomes: OpenAI's error body."""
+        return exc.body()
+
+    def stream_end(self) -> list[Any]:
+        """The items that close a stream: OpenAI's `data: [DONE]`."""
+        return ["[DONE]"]
 
     def _parse(self, choice: _Choice, delta: GenerationDelta) -> list[ParserEvent]:
         """The delta's text as content and tool-call pieces (all content when the request

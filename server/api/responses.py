@@ -20,15 +20,15 @@ import orjson
 
 from model.sampling_params import SamplingParams
 from server.api.engine_client import EngineClient, GenerationDelta
-from server.api.generation import Generation, GenerationEvents
 from server.api.metrics import RequestTracker
 from server.api.outputs import Output
 from server.api.prompts import chat_prompt, resolve_params
 from server.api.responses_request import ResponsesRequest, parse_responses_request
 from server.api.structured import compile_structured
 from server.api.tool_calls import ToolCall, ToolCallDelta, ToolCallParser
+from server.http.errors import HTTPError
 from server.http.messages import Request, Response
-from server.http.sse import EventSourceResponse, encode_named_event
+from server.http.sse import EventSourceResponse, TypedEventSourceResponse
 
 
 def _text_part(text: str) -> dict[str, Any]:
@@ -69,6 +69,8 @@ class _Item:
 class ResponseOutput(Output):
     """One response's output items, its stream events and its Response object (n is 1)."""
 
+    event_source = TypedEventSourceResponse
+
     def __init__(
         self,
         req: ResponsesRequest,
@@ -99,12 +101,16 @@ class ResponseOutput(Output):
             self._event("response.in_progress", response=self.response()),
         ]
 
-    def error_event(self, error: dict[str, Any]) -> dict[str, Any]:
-        """The stream's `error` event for an error body's {"message", "type", "param", "code"}."""
+    def stream_error(self, exc: HTTPError) -> dict[str, Any]:
+        """The stream's `error` event, from the error body's {"message", "type", "param", "code"}."""
+        error = orjson.loads(exc.body())["error"]
         code = error.get("code") or error.get("type")
         return self._event(
             "error", code=str(code), message=error.get("message"), param=error.get("param")
         )
+
+    def stream_end(self) -> list[dict[str, Any]]:
+        return []  # response.completed (or .incomplete), the last event, came with the final delta
 
     def _open_item(self, call: ToolCall | None) -> tuple[_Item, dict[str, Any]]:
         """A new output item, and the fields its events locate it by."""
@@ -250,26 +256,6 @@ class ResponseOutput(Output):
         }
 
 
-class ResponseEvents(GenerationEvents):
-    """GenerationEvents for typed streams: an in-stream error becomes an `error` event, and the
-    chat stream's final "[DONE]" ends the iteration instead of being sent."""
-
-    async def __anext__(self) -> dict[str, Any]:
-        event = await super().__anext__()
-        if event == "[DONE]":
-            raise StopAsyncIteration
-        if isinstance(event, bytes):  # an error body, {"error": {...}}
-            return self.gen.output.error_event(orjson.loads(event)["error"])
-        return event
-
-
-class TypedEventSourceResponse(EventSourceResponse):
-    """SSE whose events are dicts carrying "type": each is sent as `event: <type>` + `data:`."""
-
-    def encode(self, item: dict[str, Any]) -> bytes:
-        return encode_named_event(item["type"], item)
-
-
 class ChatHandlers(Protocol):
     """What this endpoint shares of server.api.handlers.OpenAIAPI (typed here: handlers
     imports this module to route it)."""
@@ -314,8 +300,5 @@ class ResponsesAPI:
         request_id = response_id(request)
         meta = {"id": request_id, "created_at": int(time.time()), "model": model}
         output = ResponseOutput(req, meta, len(prompt_ids), tracker)
-        if not req.chat.stream:
-            return await api._run(request, engine, output, request_id, [prompt_ids], params, False)
-        gen = Generation(engine, request, [request_id], output, api.state.retry_after_s)
-        await gen.start([prompt_ids], params)
-        return TypedEventSourceResponse(ResponseEvents(gen))
+        stream = req.chat.stream
+        return await api._run(request, engine, output, request_id, [prompt_ids], params, stream)

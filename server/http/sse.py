@@ -77,3 +77,11 @@ class EventSourceResponse(StreamingResponse):
 
     def error_frame(self, exc: BaseException) -> bytes | None:
         return error_event(exc)
+
+
+class TypedEventSourceResponse(EventSourceResponse):
+    """SSE whose items are dicts carrying "type": each is sent as `event: <type>` + `data:`
+    (the Responses and Anthropic streams)."""
+
+    def encode(self, item: dict) -> bytes:
+        return encode_named_event(item["type"], item)
