@@ -20,3 +20,13 @@ def default_model_dir() -> Path:
     from model.hub.default_model import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
+def hf_model(default_model_dir: Path):
+    """The default model in Hugging Face transformers, fp32: the reference outputs are checked
+    against (loaded per module that asks, freed after it)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        default_model_dir, dtype=torch.float32
+    ).eval()

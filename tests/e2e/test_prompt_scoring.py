@@ -5,7 +5,6 @@ log_softmax on the same weights."""
 from __future__ import annotations
 
 from operator import itemgetter
-from pathlib import Path
 
 import httpx
 import openai
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from tests.e2e.conftest import ServerProcess
+from tests.model.engine.test_prompt_logprobs import hf_logprobs
 
 ATOL = 1e-4
 CONTEXT = (
@@ -20,21 +20,6 @@ CONTEXT = (
     "Question: What is the capital of France?\nAnswer:"
 )
 CONTINUATIONS = [" Paris", " London", " the city of Rome"]
-
-
-@pytest.fixture(scope="module")
-def hf_model(default_model_dir: Path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        default_model_dir, dtype=torch.float32
-    ).eval()
-
-
-def hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
-    """[len(ids) - 1, vocab]: row i is HF's log_softmax predicting ids[i + 1]."""
-    with torch.inference_mode():
-        logits = hf_model(torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)[:-1]
 
 
 def tokenize(http: httpx.Client, text: str) -> list[int]:

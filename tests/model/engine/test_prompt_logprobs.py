@@ -31,14 +31,6 @@ def engine(default_model_dir) -> LLMEngine:
     return LLMEngine(EngineConfig(model_dir=str(default_model_dir), device="cpu"))
 
 
-@pytest.fixture(scope="module")
-def hf_model(default_model_dir):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        default_model_dir, dtype=torch.float32
-    ).eval()
-
-
 def hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
     """[len(ids) - 1, vocab]: row i is HF's log_softmax predicting ids[i + 1]."""
     with torch.inference_mode():
