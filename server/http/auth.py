@@ -1,8 +1,8 @@
 """The API-key check: "Authorization: Bearer <key>" or "x-api-key: <key>" (Anthropic's header),
 compared in constant time.
 
-The connection runs it on every request head whose path is not in AUTH_EXEMPT_PATHS
-(health checks, metrics scrapers, the chat page), before the body is read.
+The connection runs it on every request head whose path is not a public route (Router.add's
+`public`: health checks, metrics scrapers, the chat page), before the body is read.
 """
 
 from __future__ import annotations
@@ -12,12 +12,6 @@ import hmac
 from collections.abc import Callable
 
 from server.http.errors import HTTPError
-
-# Health checks and metrics scrapers carry no key; the chat page and its files hold no data
-# (the page asks for the key when the API answers 401).
-AUTH_EXEMPT_PATHS = frozenset(
-    {"/health", "/metrics", "/", "/webui/app.js", "/webui/markdown.js", "/webui/style.css"}
-)
 
 AuthCheck = Callable[[str | None, str | None], None]
 

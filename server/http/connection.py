@@ -23,7 +23,6 @@ from urllib.parse import unquote
 import h11
 
 from server.http.access_log import log_access
-from server.http.auth import AUTH_EXEMPT_PATHS
 from server.http.cors import answer_preflight, is_preflight
 from server.http.errors import HTTPError, raw_error_response
 from server.http.exchange import Cycle, Outcome, run_cycle, send_error
@@ -255,7 +254,7 @@ class HTTPProtocol(asyncio.Protocol):
         else:
             try:
                 check_auth = state.check_auth
-                if check_auth is not None and path not in AUTH_EXEMPT_PATHS:
+                if check_auth is not None and not state.router.is_public(path):
                     check_auth(headers.get("authorization"), headers.get("x-api-key"))
                 cycle.handler, request.path_params = state.router.match(request.method, path)
             except HTTPError as exc:

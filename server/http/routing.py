@@ -43,13 +43,18 @@ class Router:
         self._static: dict[str, dict[str, Handler]] = {}
         self._dynamic: list[tuple[str, re.Pattern[str], dict[str, Handler]]] = []
         self._error_formats: list[tuple[str, ErrorFormat]] = []
+        self._public: set[str] = set()  # paths served without the API key
 
-    def add(self, method: str, path: str, handler: Handler) -> None:
+    def add(self, method: str, path: str, handler: Handler, public: bool = False) -> None:
+        """`public`: the path is served without the API key (health checks, metrics scrapers,
+        the chat page's files)."""
         method = method.upper()
         if not _METHOD_RE.fullmatch(method):
             raise ValueError(f"bad HTTP method {method!r}")
         if not path.startswith("/"):
             raise ValueError(f"route path must start with '/': {path!r}")
+        if public and _PARAM_RE.search(path) is not None:
+            raise ValueError(f"only fixed paths can be public: {path!r}")
         if _PARAM_RE.search(path) is None:
             methods = self._static.setdefault(path, {})
         else:
@@ -63,12 +68,17 @@ class Router:
         if method in methods:
             raise ValueError(f"route {method} {path} is already registered")
         methods[method] = handler
+        if public:
+            self._public.add(path)
 
     def add_error_format(self, path_prefix: str, convert: ErrorFormat) -> None:
         """Errors answered for `path_prefix` and the paths below it become `convert(error)`."""
         if not path_prefix.startswith("/"):
             raise ValueError(f"error format prefix must start with '/': {path_prefix!r}")
         self._error_formats.append((path_prefix.rstrip("/"), convert))
+
+    def is_public(self, path: str) -> bool:
+        return path in self._public
 
     def error_for(self, path: str, error: HTTPError) -> HTTPError:
         """`error` in the format registered for `path` (unchanged when none is)."""

@@ -1,8 +1,7 @@
 """GET / and its static files: the chat page, read once when this module is imported.
 
-The page holds no data, so the connection serves these paths without the API key
-(server/http/auth.py lists them in AUTH_EXEMPT_PATHS); the page asks for the key when the API
-answers 401. Every file carries a strict Content-Security-Policy: scripts and styles come only
+The page holds no data, so these routes are public (served without the API key); the page
+asks for the key when the API answers 401. Every file carries a strict Content-Security-Policy: scripts and styles come only
 from these files, fetches go only to this origin, and the page cannot be framed. Responses
 carry an ETag and `no-cache`, so a browser revalidates (304) instead of running stale code.
 """
@@ -65,5 +64,5 @@ FILES = load_files()
 def add_webui_routes(router: Router) -> Router:
     """Registers GET (and so HEAD) for the page and its assets on `router`."""
     for path, static_file in FILES.items():
-        router.add("GET", path, static_file)
+        router.add("GET", path, static_file, public=True)
     return router

@@ -169,10 +169,10 @@ def build_router() -> Router:
         ("GET", "/sse-fail", sse_fail),
         ("GET", "/plain-fail", plain_fail),
         ("GET", "/firehose", firehose),
-        ("GET", "/health", models),
-        ("GET", "/metrics", models),
     ]:
         router.add(method, path, handler)
+    router.add("GET", "/health", models, public=True)  # served without the API key
+    router.add("GET", "/metrics", models, public=True)
     return router
 
 

@@ -119,3 +119,13 @@ def test_error_format_applies_to_its_paths_only():
         assert r.error_for(path, error) is error
     with pytest.raises(ValueError):
         r.add_error_format("v1", lambda exc: exc)
+
+
+def test_public_paths():
+    router = Router()
+    router.add("GET", "/health", h_get, public=True)
+    router.add("GET", "/v1/models", h_list)
+    assert router.is_public("/health")
+    assert not router.is_public("/v1/models") and not router.is_public("/nope")
+    with pytest.raises(ValueError, match="only fixed paths"):
+        router.add("GET", "/v1/models/{model}", h_get, public=True)
