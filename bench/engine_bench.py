@@ -4,6 +4,7 @@
     python bench/engine_bench.py --num-seqs 256 --min-len 100 --max-len 1024   # nano-vllm's workload
     python bench/engine_bench.py --shape qwen3-0.6b --device cuda              # random weights, GPU
     python bench/engine_bench.py --quantization none,int8,int4 --parts decode --decode-batches 1
+    python bench/engine_bench.py --quantization int4 --parts decode --decode-batches 1 --no-hf --count-ops
 
 Measures, in one process, after a warm-up and with a fixed seed:
   (a) offline throughput: --num-seqs requests with prompt and output lengths drawn uniformly from
@@ -20,6 +21,7 @@ Measures, in one process, after a warm-up and with a fixed seed:
   (c) with --quantization listing more than one mode (CPU): the decode of (b) for each further
       mode's engine (weight-only int8 / int4 linear layers, model/layers/quant.py), measured
       alternately with the first mode's, with its ratio to the first mode.
+  (d) --count-ops: the aten ops of a batch-1 decode step for each mode (torch.profiler).
 Prints every figure and ours/HF ratios with the targets of the CPU default-model run.
 --shape writes a random-weight checkpoint of a known shape (tokenizer of the default model) to a
 temporary folder, so GPU shapes need no download.
@@ -171,6 +173,27 @@ def ours_decode(
         step_s=step_s,
         bytes_per_step=weight_bytes + mean_ctx * kv_bytes_per_token,
     )
+
+
+def ops_per_decode_step(engine, prompt: list[int], num_steps: int = 8) -> tuple[float, float]:
+    """(aten ops called from Python, all aten ops including those inside composite ones) per
+    batch-1 decode step, counted by torch.profiler over `num_steps` steps after the prefill."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=num_steps + 1, temperature=0.0, ignore_eos=True)
+    engine.add_request(f"ops-{time.monotonic_ns()}", prompt, params)
+    while not engine.step():  # prefill chunks until the first token
+        pass
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(num_steps):
+            engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(top) / num_steps, len(aten) / num_steps
 
 
 def model_bytes(engine) -> tuple[int, int]:
@@ -349,6 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument(
+        "--count-ops", action="store_true", help="count the aten ops of a batch-1 decode step"
+    )
+    p.add_argument(
         "--hf-throughput",
         choices=["on", "off"],
         default="on",
@@ -418,6 +444,7 @@ class Results:
     # further --quantization modes: mode -> batch -> result
     decode_modes: dict[str, dict[int, DecodeResult]] = field(default_factory=dict)
     hf_generate_b1: float | None = None
+    ops: dict[str, tuple[float, float]] = field(default_factory=dict)  # --count-ops, per mode
 
     def keep_best(self, results: dict[int, DecodeResult], batch: int, new: DecodeResult) -> None:
         if batch not in results or new.tok_s > results[batch].tok_s:
@@ -530,6 +557,10 @@ def run(args, model_dir: Path, is_cuda: bool) -> int:
             res.hf_tp = hf_continuous_batching(hf, tp_prompts, output_lens)
         except Exception as exc:  # optional baseline: an API change must not end the run
             res.hf_tp = f"unavailable: {type(exc).__name__}: {exc}"
+    if args.count_ops:
+        prompt = decode_prompts[batches[0]][0] if batches else warm[0]
+        for mode, (mode_engine, _) in engines.items():
+            res.ops[mode] = ops_per_decode_step(mode_engine, prompt)
     # Bandwidth again at the end (a busy machine lowers it); the best of both is the roofline.
     copy_gbs, read_gbs = measure_bandwidth_gbs(device, buffer_bytes)
     res.copy_gbs, res.read_gbs = max(res.copy_gbs, copy_gbs), max(res.read_gbs, read_gbs)
@@ -593,6 +624,11 @@ def report(args, res: Results) -> None:
                 f"          HF generate {res.hf_generate_b1:7.1f} tok/s{'':33s}ours/HF generate "
                 f"{ratio(ours.tok_s, res.hf_generate_b1)}"
             )
+    for mode, (top, every) in res.ops.items():
+        print(
+            f"  ops per batch-1 decode step ({mode} weights): {top:.0f} aten ops called from "
+            f"Python, {every:.0f} counting those inside composite ops"
+        )
     print(
         "targets (default model, 2 CPU cores, fp32): b=1 ours/HF generate >= 1.0x; "
         "b=64 ours/HF loop >= 1.0x"

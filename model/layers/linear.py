@@ -87,10 +87,11 @@ class Linear(nn.Linear):
         return linear(x, self)
 
 
-def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
-    """`layer(x)` without the cost of a module call."""
+def linear(x: torch.Tensor, layer: Linear, any_dtype: bool = False) -> torch.Tensor:
+    """`layer(x)` without the cost of a module call. any_dtype: a quantized layer may return its
+    kernel's dtype (bf16), saving a cast, for a caller that only adds the result to x's dtype."""
     if layer.packed_weight is not None:
         return packed_linear(x, layer.packed_weight, layer.bias)
     if layer.quantized is not None:
-        return layer.quantized(x, layer.bias)
+        return layer.quantized(x, layer.bias, any_dtype)
     return F.linear(x, layer.weight, layer.bias)

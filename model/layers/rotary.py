@@ -48,7 +48,17 @@ def rope_cos_sin_cache(config: ModelConfig) -> torch.Tensor:
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
+def rope_factors(cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of rope_cos_sin_cache ([T, hd]) -> the (cos, sin) factors apply_rope takes, [T, 1, hd]
+    each: cos of each frequency twice (both halves of a head), sin with the first half negated.
+    Built once a step; every layer reuses them."""
+    cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # (T, 1, hd/2) each
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [T, heads, hd]; cos/sin: [T, 1, hd/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate-half RoPE. x: [T, heads, hd]; cos/sin: [T, 1, hd] from rope_factors.
+
+    `x * cos + rotate_half(x) * sin` with rotate_half's sign in the sin factor, so the halves are
+    swapped by one roll: three ops where the textbook form takes seven."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)

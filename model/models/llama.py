@@ -20,7 +20,7 @@ from model.layers.fused_ops import silu_and_mul
 from model.layers.linear import Linear, linear, pack_weight, packed_linear
 from model.layers.norm import RMSNorm
 from model.layers.quant import QuantizedWeight, quantize_weight
-from model.layers.rotary import apply_rope, rope_cos_sin_cache
+from model.layers.rotary import apply_rope, rope_cos_sin_cache, rope_factors
 
 if TYPE_CHECKING:
     from model.layers.parallel import TPContext
@@ -73,7 +73,9 @@ class LlamaAttention(nn.Module):
             v = qkv[:, self.q_size + self.kv_size :]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-        out = linear(out.reshape(num_tokens, self.q_size), self.o_proj)
+        # Quantized: the kernel's bf16 result, which the residual add promotes (sharded: the
+        # all-reduce sums in the model's dtype).
+        out = linear(out.reshape(num_tokens, self.q_size), self.o_proj, any_dtype=self.tp is None)
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -87,7 +89,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = linear(x, self.gate_up_proj)  # (T, 2 * intermediate)
-        out = linear(silu_and_mul(gate_up), self.down_proj)
+        out = linear(silu_and_mul(gate_up), self.down_proj, any_dtype=self.tp is None)  # as o_proj
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -112,12 +114,12 @@ class LlamaDecoderLayer(nn.Module):
         """The residual add is deferred into the next norm (one fused pass on CUDA):
         returns (this layer's MLP output, the residual stream before adding it)."""
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden, self.input_layernorm.forward(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, k_cache, v_cache, meta)
+        hidden = self.self_attn.forward(hidden, cos, sin, k_cache, v_cache, meta)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp.forward(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -177,16 +179,17 @@ class LlamaForCausalLM(nn.Module):
         hidden = (
             F.embedding(input_ids, embed) if self.tp is None else self.tp.embed(input_ids, embed)
         )
-        cos_sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1)  # (T, 1, hd)
-        cos, sin = cos_sin.chunk(2, dim=-1)  # (T, 1, hd/2) each
+        cos, sin = rope_factors(self.cos_sin_cache.index_select(0, positions))  # (T, 1, hd) each
         residual = None
-        for i, layer in enumerate(self.model.layers):
-            if kv_cache is None:
-                hidden, residual = layer(hidden, residual, cos, sin, None, None, meta)
-            else:
-                hidden, residual = layer(
-                    hidden, residual, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta
-                )
+        # One unbind for the layers' (K, V) views instead of four indexing ops per layer; the
+        # layers and their parts are called through forward(): no module-call overhead.
+        layer_kv = (
+            [(None, None)] * len(self.model.layers)
+            if kv_cache is None
+            else [kv.unbind(0) for kv in kv_cache.unbind(0)]
+        )
+        for layer, (k_cache, v_cache) in zip(self.model.layers, layer_kv, strict=True):
+            hidden, residual = layer.forward(hidden, residual, cos, sin, k_cache, v_cache, meta)
         return self.model.norm.add_and_norm(hidden, residual)[0]
 
     @property
