@@ -11,6 +11,7 @@ so a long chunk never holds [T, vocab] at once.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,6 +71,29 @@ def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _has_batch_weight(module: torch.nn.Module) -> bool:
+    from model.layers.linear import Linear
+
+    return isinstance(module, Linear) and None not in (module.quantized, module.packed_weight)
+
+
+def _fits_batch_weights(model: torch.nn.Module) -> bool:
+    """Whether the linear layers' fp32 weights (the packed copies quantized layers keep for
+    batches, LlamaForCausalLM.quantize_for_cpu) take at most an eighth of the machine's memory."""
+    from model.layers.linear import Linear
+
+    fp32_bytes = 4 * sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear)
+    )
+    if model.lm_head is None:
+        fp32_bytes += 4 * model.lm_head_weight.numel()
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return fp32_bytes <= total // 8
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -102,8 +126,12 @@ class ModelRunner:
         if self.device.type == "cpu" and config.quantization != "none":
             from model.layers.quant import quantization_label
 
-            if self.model.quantize_for_cpu(config.quantization):
+            batch_weights = config.cpu_packed_weights and _fits_batch_weights(self.model)
+            if self.model.quantize_for_cpu(config.quantization, batch_weights):
                 self.quantized_weights = quantization_label(config.quantization)
+                rows = sorted({m.batch_rows for m in self.model.modules() if _has_batch_weight(m)})
+                if rows:
+                    self.quantized_weights += f", fp32 oneDNN from {rows[0]} rows"
             else:
                 logger.warning(
                     "%s kernels unavailable for some linear layers; they run unquantized",

@@ -82,6 +82,9 @@ class Linear(nn.Linear):
 
     packed_weight: torch.Tensor | None = None
     quantized: QuantizedWeight | None = None
+    # With both: batches of this many rows or more run from packed_weight (the dequantized fp32
+    # weight, LlamaForCausalLM.calibrate_batch_rows), fewer from the quantized kernel.
+    batch_rows: int = 1 << 62
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self)
@@ -90,8 +93,9 @@ class Linear(nn.Linear):
 def linear(x: torch.Tensor, layer: Linear, any_dtype: bool = False) -> torch.Tensor:
     """`layer(x)` without the cost of a module call. any_dtype: a quantized layer may return its
     kernel's dtype (bf16), saving a cast, for a caller that only adds the result to x's dtype."""
-    if layer.packed_weight is not None:
-        return packed_linear(x, layer.packed_weight, layer.bias)
-    if layer.quantized is not None:
-        return layer.quantized(x, layer.bias, any_dtype)
+    quantized, packed = layer.quantized, layer.packed_weight
+    if quantized is not None and (packed is None or x.shape[0] < layer.batch_rows):
+        return quantized(x, layer.bias, any_dtype)
+    if packed is not None:
+        return packed_linear(x, packed, layer.bias)
     return F.linear(x, layer.weight, layer.bias)

@@ -60,5 +60,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate-half RoPE. x: [T, heads, hd]; cos/sin: [T, 1, hd] from rope_factors.
 
     `x * cos + rotate_half(x) * sin` with rotate_half's sign in the sin factor, so the halves are
-    swapped by one roll: three ops where the textbook form takes seven."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    swapped by one roll: four ops where the textbook form takes seven. (An addcmul for the last
+    two measured 98.87% top-1 agreement of the int4 model with its fp32 reference over 2,208
+    positions against 99.28% with these, tests/model/layers/test_quant.py.)"""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

@@ -6,6 +6,7 @@ Weights keep Hugging Face names except two fusions made at load time (see weight
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,8 +20,13 @@ from model.layers.attention.torch_backend import TorchAttentionBackend
 from model.layers.fused_ops import silu_and_mul
 from model.layers.linear import Linear, linear, pack_weight, packed_linear
 from model.layers.norm import RMSNorm
-from model.layers.quant import QuantizedWeight, quantize_weight
+from model.layers.quant import QuantizedWeight, dequantized, quantize_weight, rescore_top_logits
 from model.layers.rotary import apply_rope, rope_cos_sin_cache, rope_factors
+
+# Rows from which a quantized layer's packed fp32 copy runs (see Linear.batch_rows); the ladder
+# calibrate_batch_rows() times.
+BATCH_ROWS_NEVER = 1 << 62
+BATCH_ROWS_LADDER = (2, 4, 8, 16, 32, 64)
 
 if TYPE_CHECKING:
     from model.layers.parallel import TPContext
@@ -153,6 +159,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
         self.lm_head_packed: torch.Tensor | None = None  # set by pack_for_cpu()
         self.lm_head_quantized: QuantizedWeight | None = None  # set by quantize_for_cpu()
+        self.lm_head_batch_rows = BATCH_ROWS_NEVER  # see Linear.batch_rows
         self.tp: TPContext | None = None  # set by shard_model(): this rank's vocabulary slice
 
     def init_rope_cache(self) -> None:
@@ -201,10 +208,13 @@ class LlamaForCausalLM(nn.Module):
 
         Sharded: every rank must call it with the same rows; rank 0 gets [N, vocab], the
         others their own vocabulary slice."""
-        if self.lm_head_packed is not None:
+        quantized = self.lm_head_quantized
+        if quantized is not None and (
+            self.lm_head_packed is None or hidden.shape[0] < self.lm_head_batch_rows
+        ):
+            logits = rescore_top_logits(quantized(hidden).float(), hidden, quantized)
+        elif self.lm_head_packed is not None:
             logits = packed_linear(hidden, self.lm_head_packed).float()
-        elif self.lm_head_quantized is not None:
-            logits = self.lm_head_quantized(hidden).float()
         else:
             logits = F.linear(hidden, self.lm_head_weight).float()
         return logits if self.tp is None else self.tp.gather_logits(logits)
@@ -233,9 +243,13 @@ class LlamaForCausalLM(nn.Module):
                     layer.weight = None  # in_features/out_features keep the shape
         return all_packed
 
-    def quantize_for_cpu(self, mode: str) -> bool:
+    def quantize_for_cpu(self, mode: str, batch_weights: bool = False) -> bool:
         """Run the linear layers and the LM head from weight-only `mode` ("int8" or "int4")
         weights (model/layers/quant.py); the embeddings stay as they are.
+
+        batch_weights: each quantized layer also keeps a oneDNN-packed copy of its dequantized
+        fp32 weight, which batches of `batch_rows` rows or more run from where that measured
+        faster on this machine (calibrate_batch_rows(); copies that never win are released).
 
         Call it before pack_for_cpu(), which then packs only what was not quantized. Each
         quantized layer releases its plain weight (tied embeddings stay for the lookup), one layer
@@ -245,16 +259,85 @@ class LlamaForCausalLM(nn.Module):
         assert self.lm_head_packed is None, "quantize_for_cpu() needs the plain weights"
         all_quantized = True
         if self.lm_head_quantized is None:
-            self.lm_head_quantized = quantize_weight(self.lm_head_weight, mode)
+            head = self.lm_head_weight
+            # Its codes stay too, to rescore each row's top candidates in fp32 (quant.py).
+            self.lm_head_quantized = quantize_weight(head, mode, keep_codes=True)
             if self.lm_head_quantized is None:
                 all_quantized = False
-            elif self.lm_head is not None:
-                self.lm_head.quantized, self.lm_head.weight = self.lm_head_quantized, None
+            else:
+                if batch_weights:
+                    self.lm_head_packed = pack_weight(dequantized(head, mode))
+                if self.lm_head is not None:
+                    self.lm_head.quantized, self.lm_head.weight = self.lm_head_quantized, None
         for layer in self.model.layers.modules():
             if isinstance(layer, Linear) and layer.weight is not None:
                 layer.quantized = quantize_weight(layer.weight, mode, layer.bias)
                 if layer.quantized is None:
                     all_quantized = False
                 else:
+                    if batch_weights:
+                        reference = dequantized(layer.weight, mode)
+                        layer.packed_weight = pack_weight(reference, layer.bias)
                     layer.weight = None  # in_features/out_features keep the shape
+        if batch_weights:
+            self.calibrate_batch_rows()
         return all_quantized
+
+    @torch.inference_mode()
+    def calibrate_batch_rows(self, ladder: tuple[int, ...] = BATCH_ROWS_LADDER) -> dict:
+        """For each shape of quantized layer that also holds a packed fp32 copy (and the LM head),
+        the fewest rows from which the copy ran at least as fast as the quantized kernel: timed
+        over every layer of that shape in turn, so the weights come from memory as in a step.
+        Copies that never win are released. Returns {(out, in) or "lm_head": rows or None}."""
+        kinds: dict[tuple[int, int], list[Linear]] = {}
+        for layer in self.model.layers.modules():
+            if isinstance(layer, Linear) and layer.quantized and layer.packed_weight is not None:
+                kinds.setdefault((layer.out_features, layer.in_features), []).append(layer)
+        chosen: dict = {}
+        for shape, layers in kinds.items():
+            rows = _crossover_rows(
+                [layer.quantized for layer in layers],
+                [layer.packed_weight for layer in layers],
+                shape[1],
+                ladder,
+            )
+            chosen[shape] = rows
+            for layer in layers:
+                if rows is None:
+                    layer.packed_weight = None
+                else:
+                    layer.batch_rows = rows
+        if self.lm_head_quantized is not None and self.lm_head_packed is not None:
+            qw = self.lm_head_quantized
+            rows = _crossover_rows([qw], [self.lm_head_packed], qw.in_features, ladder)
+            chosen["lm_head"] = rows
+            if rows is None:
+                self.lm_head_packed = None
+            else:
+                self.lm_head_batch_rows = rows
+        return chosen
+
+
+def _crossover_rows(
+    quantized: list[QuantizedWeight], packed: list[torch.Tensor], num_in: int, ladder
+) -> int | None:
+    """The first row count of `ladder` at which a pass over `packed` took no longer than one over
+    `quantized` (best of two passes each), or None."""
+
+    def best_pass(fn, weights, x) -> float:
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for w in weights:
+                fn(x, w)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    for rows in ladder:
+        x = torch.randn(rows, num_in)
+        best_pass(lambda x, w: w(x), quantized[:1], x)  # warm-up
+        t_quantized = best_pass(lambda x, w: w(x), quantized, x)
+        t_packed = best_pass(packed_linear, packed, x)
+        if t_packed <= t_quantized:
+            return rows
+    return None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model.layers.attention.metadata import build_attention_metadata
-from model.layers.linear import Linear, linear
+from model.layers.linear import Linear, linear, pack_weight, packed_linear
 from model.layers.quant import (
     INT4_GROUP_SIZE,
     Int4Weight,
@@ -220,6 +220,43 @@ def test_linear_layer_runs_from_its_quantized_weight():
         out = linear(x, plain, any_dtype=True)  # the kernel's bf16 result, not cast back
         assert out.dtype == torch.bfloat16
         assert_matches_reference(out, x, plain_weight, "int4")
+
+
+def test_a_layer_with_batch_weights_runs_batches_from_its_fp32_copy():
+    supported_or_skip("int4")
+    layer = Linear(64, 32, bias=False)
+    with torch.no_grad():
+        weight = layer.weight.clone()
+        layer.quantized = quantize_weight(weight, "int4")
+        layer.packed_weight = pack_weight(dequantized(weight, "int4"))
+        if layer.packed_weight is None:
+            pytest.skip("oneDNN-packed linear layers unavailable in this torch build")
+        layer.weight, layer.batch_rows = None, 4
+        few, many = torch.randn(3, 64), torch.randn(4, 64)
+        assert torch.equal(linear(few, layer), layer.quantized(few))
+        assert torch.equal(linear(many, layer), packed_linear(many, layer.packed_weight))
+        assert_matches_reference(linear(few, layer), few, weight, "int4")
+        exact = F.linear(many, dequantized(weight, "int4"))
+        assert torch.allclose(linear(many, layer), exact, rtol=0, atol=1e-5)
+
+
+def test_batch_weights_are_calibrated_or_released(default_model_dir):
+    supported_or_skip("int4")
+    model, _ = load_model(default_model_dir)
+    assert model.quantize_for_cpu("int4", batch_weights=True)
+    chosen = model.calibrate_batch_rows()
+    assert set(chosen) == {(960, 576), (576, 576), (3072, 576), (576, 1536), "lm_head"}
+    for layer in model.model.layers.modules():
+        if isinstance(layer, Linear):
+            rows = chosen[(layer.out_features, layer.in_features)]
+            assert layer.quantized is not None and layer.weight is None
+            assert (layer.packed_weight is None) == (rows is None)
+            assert rows is None or layer.batch_rows == rows
+    ids = torch.tensor([5, 900, 4000])
+    meta = build_attention_metadata([3], [3], [[0]], 16, "cpu")
+    with torch.inference_mode():
+        logits = model.compute_logits(model(ids, torch.arange(3), None, meta))
+    assert logits.shape == (3, model.config.vocab_size) and torch.isfinite(logits).all()
 
 
 # ---- the default model ----------------------------------------------------------------------
