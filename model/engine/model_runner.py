@@ -23,6 +23,7 @@ from model.engine.outputs import PromptLogprob
 from model.engine.scheduler import ScheduledSeq
 from model.engine.sequence import Sequence
 from model.layers.attention.metadata import build_attention_metadata
+from model.layers.linear import Linear
 from model.layers.parallel import TPContext, shard_model
 from model.models.loader import load_model
 from model.sample.metadata import SamplerOutput, SamplingMetadata, SamplingRow
@@ -71,17 +72,9 @@ def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _has_batch_weight(module: torch.nn.Module) -> bool:
-    from model.layers.linear import Linear
-
-    return isinstance(module, Linear) and None not in (module.quantized, module.packed_weight)
-
-
 def _fits_batch_weights(model: torch.nn.Module) -> bool:
     """Whether the linear layers' fp32 weights (the packed copies quantized layers keep for
     batches, LlamaForCausalLM.quantize_for_cpu) take at most an eighth of the machine's memory."""
-    from model.layers.linear import Linear
-
     fp32_bytes = 4 * sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear)
     )
@@ -129,9 +122,13 @@ class ModelRunner:
             batch_weights = config.cpu_packed_weights and _fits_batch_weights(self.model)
             if self.model.quantize_for_cpu(config.quantization, batch_weights):
                 self.quantized_weights = quantization_label(config.quantization)
-                rows = sorted({m.batch_rows for m in self.model.modules() if _has_batch_weight(m)})
+                rows = [
+                    m.batch_rows
+                    for m in self.model.modules()
+                    if isinstance(m, Linear) and m.has_batch_weight
+                ]
                 if rows:
-                    self.quantized_weights += f", fp32 oneDNN from {rows[0]} rows"
+                    self.quantized_weights += f", fp32 oneDNN from {min(rows)} rows"
             else:
                 logger.warning(
                     "%s kernels unavailable for some linear layers; they run unquantized",

@@ -26,6 +26,9 @@ from model.layers.quant import QuantizedWeight
 
 logger = logging.getLogger("nanoserve.cpu_linear")
 
+# Linear.batch_rows of a layer whose batches never run from its packed copy.
+BATCH_ROWS_NEVER = 1 << 62
+
 # The batch size oneDNN tunes the packed layout for; the result is correct for any batch.
 # Measured on decode steps: 64 beat 1 at batch 1 as well (41 vs 51 ms/step), 16 and 256 were close.
 PACK_BATCH_HINT = 64
@@ -84,7 +87,12 @@ class Linear(nn.Linear):
     quantized: QuantizedWeight | None = None
     # With both: batches of this many rows or more run from packed_weight (the dequantized fp32
     # weight, LlamaForCausalLM.calibrate_batch_rows), fewer from the quantized kernel.
-    batch_rows: int = 1 << 62
+    batch_rows: int = BATCH_ROWS_NEVER
+
+    @property
+    def has_batch_weight(self) -> bool:
+        """Quantized, with a packed fp32 copy for batches."""
+        return self.quantized is not None and self.packed_weight is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self)

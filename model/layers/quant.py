@@ -227,6 +227,15 @@ def quantize_weight(
     The copy is checked against `F.linear` on its dequantized fp32 weight on a small batch
     before it is returned.
     """
+    packed = quantize_with_reference(weight, mode, bias, keep_codes)
+    return None if packed is None else packed[0]
+
+
+def quantize_with_reference(
+    weight: torch.Tensor, mode: str, bias: torch.Tensor | None = None, keep_codes: bool = False
+) -> tuple[QuantizedWeight, torch.Tensor] | None:
+    """quantize_weight's packed copy and the fp32 weight it computes with (its dequantized
+    weight), or None where it cannot be used."""
     if not quantization_supported(weight, mode):
         return None
     try:
@@ -244,7 +253,7 @@ def quantize_weight(
     if got.shape != want.shape or not torch.allclose(got, want, rtol=0, atol=_TOLERANCE * scale):
         logger.warning("%s weight-only linear disagrees with its reference; not quantized", mode)
         return None
-    return qw
+    return qw, reference
 
 
 def rescore_top_logits(

@@ -18,14 +18,13 @@ from model.layers.attention.backends import get_attention_backend
 from model.layers.attention.metadata import AttentionMetadata
 from model.layers.attention.torch_backend import TorchAttentionBackend
 from model.layers.fused_ops import silu_and_mul
-from model.layers.linear import Linear, linear, pack_weight, packed_linear
+from model.layers.linear import BATCH_ROWS_NEVER, Linear, linear, pack_weight, packed_linear
 from model.layers.norm import RMSNorm
-from model.layers.quant import QuantizedWeight, dequantized, quantize_weight, rescore_top_logits
+from model.layers.quant import QuantizedWeight, quantize_with_reference, rescore_top_logits
 from model.layers.rotary import apply_rope, rope_cos_sin_cache, rope_factors
 
-# Rows from which a quantized layer's packed fp32 copy runs (see Linear.batch_rows); the ladder
+# Rows from which a quantized layer's packed fp32 copy may run (Linear.batch_rows): the ladder
 # calibrate_batch_rows() times.
-BATCH_ROWS_NEVER = 1 << 62
 BATCH_ROWS_LADDER = (2, 4, 8, 16, 32, 64)
 
 if TYPE_CHECKING:
@@ -259,24 +258,24 @@ class LlamaForCausalLM(nn.Module):
         assert self.lm_head_packed is None, "quantize_for_cpu() needs the plain weights"
         all_quantized = True
         if self.lm_head_quantized is None:
-            head = self.lm_head_weight
             # Its codes stay too, to rescore each row's top candidates in fp32 (quant.py).
-            self.lm_head_quantized = quantize_weight(head, mode, keep_codes=True)
-            if self.lm_head_quantized is None:
+            packed = quantize_with_reference(self.lm_head_weight, mode, keep_codes=True)
+            if packed is None:
                 all_quantized = False
             else:
+                self.lm_head_quantized, reference = packed
                 if batch_weights:
-                    self.lm_head_packed = pack_weight(dequantized(head, mode))
+                    self.lm_head_packed = pack_weight(reference)
                 if self.lm_head is not None:
                     self.lm_head.quantized, self.lm_head.weight = self.lm_head_quantized, None
         for layer in self.model.layers.modules():
             if isinstance(layer, Linear) and layer.weight is not None:
-                layer.quantized = quantize_weight(layer.weight, mode, layer.bias)
-                if layer.quantized is None:
+                packed = quantize_with_reference(layer.weight, mode, layer.bias)
+                if packed is None:
                     all_quantized = False
                 else:
+                    layer.quantized, reference = packed
                     if batch_weights:
-                        reference = dequantized(layer.weight, mode)
                         layer.packed_weight = pack_weight(reference, layer.bias)
                     layer.weight = None  # in_features/out_features keep the shape
         if batch_weights:
@@ -291,7 +290,7 @@ class LlamaForCausalLM(nn.Module):
         Copies that never win are released. Returns {(out, in) or "lm_head": rows or None}."""
         kinds: dict[tuple[int, int], list[Linear]] = {}
         for layer in self.model.layers.modules():
-            if isinstance(layer, Linear) and layer.quantized and layer.packed_weight is not None:
+            if isinstance(layer, Linear) and layer.has_batch_weight:
                 kinds.setdefault((layer.out_features, layer.in_features), []).append(layer)
         chosen: dict = {}
         for shape, layers in kinds.items():
