@@ -122,13 +122,13 @@ class ModelRunner:
             batch_weights = config.cpu_packed_weights and _fits_batch_weights(self.model)
             if self.model.quantize_for_cpu(config.quantization, batch_weights):
                 self.quantized_weights = quantization_label(config.quantization)
-                rows = [
-                    m.batch_rows
-                    for m in self.model.modules()
-                    if isinstance(m, Linear) and m.has_batch_weight
+                batch = [
+                    m for m in self.model.modules() if isinstance(m, Linear) and m.has_batch_weight
                 ]
-                if rows:
-                    self.quantized_weights += f", fp32 oneDNN from {min(rows)} rows"
+                if batch:
+                    dtype = str(batch[0].packed_weight.dtype).removeprefix("torch.")
+                    rows = min(m.batch_rows for m in batch)
+                    self.quantized_weights += f", {dtype} oneDNN from {rows} rows"
             else:
                 logger.warning(
                     "%s kernels unavailable for some linear layers; they run unquantized",

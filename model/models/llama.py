@@ -18,12 +18,24 @@ from model.layers.attention.backends import get_attention_backend
 from model.layers.attention.metadata import AttentionMetadata
 from model.layers.attention.torch_backend import TorchAttentionBackend
 from model.layers.fused_ops import silu_and_mul
-from model.layers.linear import BATCH_ROWS_NEVER, Linear, linear, pack_weight, packed_linear
+from model.layers.linear import (
+    BATCH_ROWS_NEVER,
+    Linear,
+    batch_linear,
+    faster_batch_dtype,
+    linear,
+    pack_weight,
+)
 from model.layers.norm import RMSNorm
-from model.layers.quant import QuantizedWeight, quantize_with_reference, rescore_top_logits
+from model.layers.quant import (
+    QuantizedWeight,
+    quantization_supported,
+    quantize_with_reference,
+    rescore_top_logits,
+)
 from model.layers.rotary import apply_rope, rope_cos_sin_cache, rope_factors
 
-# Rows from which a quantized layer's packed fp32 copy may run (Linear.batch_rows): the ladder
+# Rows from which a quantized layer's packed copy may run (Linear.batch_rows): the ladder
 # calibrate_batch_rows() times.
 BATCH_ROWS_LADDER = (2, 4, 8, 16, 32, 64)
 
@@ -213,7 +225,10 @@ class LlamaForCausalLM(nn.Module):
         ):
             logits = rescore_top_logits(quantized(hidden).float(), hidden, quantized)
         elif self.lm_head_packed is not None:
-            logits = packed_linear(hidden, self.lm_head_packed).float()
+            packed = self.lm_head_packed
+            logits = batch_linear(hidden, packed).float()
+            if quantized is not None and packed.dtype != hidden.dtype:  # bf16 copy: as above
+                logits = rescore_top_logits(logits, hidden, quantized)
         else:
             logits = F.linear(hidden, self.lm_head_weight).float()
         return logits if self.tp is None else self.tp.gather_logits(logits)
@@ -247,8 +262,11 @@ class LlamaForCausalLM(nn.Module):
         weights (model/layers/quant.py); the embeddings stay as they are.
 
         batch_weights: each quantized layer also keeps a oneDNN-packed copy of its dequantized
-        fp32 weight, which batches of `batch_rows` rows or more run from where that measured
-        faster on this machine (calibrate_batch_rows(); copies that never win are released).
+        weight, which batches of `batch_rows` rows or more run from where that measured faster
+        on this machine (calibrate_batch_rows(); copies that never win are released). The copies
+        are bf16 where oneDNN ran the largest projection faster in bf16 than in fp32
+        (faster_batch_dtype: AVX512-BF16 or AMX machines; batches then compute in bf16, as the
+        quantized kernels do, and the LM head's top candidates are rescored in fp32), else fp32.
 
         Call it before pack_for_cpu(), which then packs only what was not quantized. Each
         quantized layer releases its plain weight (tied embeddings stay for the lookup), one layer
@@ -257,6 +275,7 @@ class LlamaForCausalLM(nn.Module):
         """
         assert self.lm_head_packed is None, "quantize_for_cpu() needs the plain weights"
         all_quantized = True
+        batch_dtype = self._batch_weight_dtype(mode) if batch_weights else None
         if self.lm_head_quantized is None:
             # Its codes stay too, to rescore each row's top candidates in fp32 (quant.py).
             packed = quantize_with_reference(self.lm_head_weight, mode, keep_codes=True)
@@ -264,8 +283,8 @@ class LlamaForCausalLM(nn.Module):
                 all_quantized = False
             else:
                 self.lm_head_quantized, reference = packed
-                if batch_weights:
-                    self.lm_head_packed = pack_weight(reference)
+                if batch_dtype is not None:
+                    self.lm_head_packed = pack_weight(reference.to(batch_dtype))
                 if self.lm_head is not None:
                     self.lm_head.quantized, self.lm_head.weight = self.lm_head_quantized, None
         for layer in self.model.layers.modules():
@@ -275,16 +294,33 @@ class LlamaForCausalLM(nn.Module):
                     all_quantized = False
                 else:
                     layer.quantized, reference = packed
-                    if batch_weights:
+                    if batch_dtype == torch.float32:
                         layer.packed_weight = pack_weight(reference, layer.bias)
+                    elif batch_dtype is not None:  # the bias is added after, in fp32
+                        layer.packed_weight = pack_weight(reference.to(batch_dtype))
                     layer.weight = None  # in_features/out_features keep the shape
         if batch_weights:
             self.calibrate_batch_rows()
         return all_quantized
 
+    def _batch_weight_dtype(self, mode: str) -> torch.dtype:
+        """faster_batch_dtype() of the largest quantizable projection (fp32 when none is)."""
+        weights = [
+            m.weight
+            for m in self.model.layers.modules()
+            if isinstance(m, Linear)
+            and m.weight is not None
+            and quantization_supported(m.weight, mode)
+        ]
+        if not weights:
+            return torch.float32
+        largest = max(weights, key=lambda w: w.numel())
+        with torch.inference_mode():
+            return faster_batch_dtype(largest.float())
+
     @torch.inference_mode()
     def calibrate_batch_rows(self, ladder: tuple[int, ...] = BATCH_ROWS_LADDER) -> dict:
-        """For each shape of quantized layer that also holds a packed fp32 copy (and the LM head),
+        """For each shape of quantized layer that also holds a packed copy (and the LM head),
         the fewest rows from which the copy ran at least as fast as the quantized kernel: timed
         over every layer of that shape in turn, so the weights come from memory as in a step.
         Copies that never win are released. Returns {(out, in) or "lm_head": rows or None}."""
@@ -334,9 +370,11 @@ def _crossover_rows(
 
     for rows in ladder:
         x = torch.randn(rows, num_in)
-        best_pass(lambda x, w: w(x), quantized[:1], x)  # warm-up
+        # Warm-up: oneDNN builds its kernel for a new row count on the first call.
+        best_pass(lambda x, w: w(x), quantized[:1], x)
+        best_pass(batch_linear, packed[:1], x)
         t_quantized = best_pass(lambda x, w: w(x), quantized, x)
-        t_packed = best_pass(packed_linear, packed, x)
+        t_packed = best_pass(batch_linear, packed, x)
         if t_packed <= t_quantized:
             return rows
     return None
