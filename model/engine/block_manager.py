@@ -182,7 +182,10 @@ class BlockManager:
             if block.hash is not None:
                 self.evictable_block_ids[block_id] = None
             else:
-                self.free_block_ids.append(block_id)
+                # Taken next: a conversation's next turn goes on in the block its last one ended
+                # in, so its context stays contiguous in the pool (which the CPU's decode of a
+                # lone sequence reads in place).
+                self.free_block_ids.appendleft(block_id)
 
     # ---- admission: can_allocate / allocate -----------------------------------------
 

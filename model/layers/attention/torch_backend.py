@@ -30,6 +30,9 @@ class _TorchPlan:
     decode_blocks: torch.Tensor | None  # [Bd*nb] block ids covering the longest decode context
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, nb*bs] bool, None when one sequence
     decode_len: int  # context length read for decodes (padded to blocks if batched)
+    # One decoding sequence whose blocks are consecutive in the pool: its first slot (the
+    # context is read in place, not gathered), else None.
+    decode_first_slot: int | None
     prefills: list[tuple[int, int, int, int]]  # (seq index, token start, query_len, seq_len)
     prefill_blocks: dict[int, torch.Tensor]  # seq index -> block ids covering its context
     prefill_masks: dict[int, torch.Tensor]  # seq index -> [q_len, seq_len] bool causal mask
@@ -39,7 +42,7 @@ def _make_plan(meta: AttentionMetadata, device: torch.device) -> _TorchPlan:
     block_size = meta.block_size
     decode_rows = [b for b, n in enumerate(meta.query_lens_list) if n == 1]
     is_all_decode = len(decode_rows) == len(meta.query_lens_list)
-    decode_token_index = decode_blocks = decode_mask = None
+    decode_token_index = decode_blocks = decode_mask = decode_first_slot = None
     decode_len = 0
     if decode_rows:
         decode_lens = [meta.seq_lens_list[b] for b in decode_rows]
@@ -47,6 +50,12 @@ def _make_plan(meta: AttentionMetadata, device: torch.device) -> _TorchPlan:
         num_blocks = -(-decode_len // block_size)
         if is_all_decode:
             decode_blocks = meta.block_tables[:, :num_blocks]
+            if len(decode_rows) == 1:
+                first, last = decode_blocks[0, [0, -1]].tolist()
+                if last - first == num_blocks - 1 and (
+                    num_blocks < 3 or bool((decode_blocks[0].diff() == 1).all())
+                ):
+                    decode_first_slot = first * block_size
         else:
             starts = list(itertools.accumulate(meta.query_lens_list, initial=0))
             rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
@@ -84,6 +93,7 @@ def _make_plan(meta: AttentionMetadata, device: torch.device) -> _TorchPlan:
         decode_blocks=decode_blocks,
         decode_mask=decode_mask,
         decode_len=decode_len,
+        decode_first_slot=decode_first_slot,
         prefills=prefills,
         prefill_blocks=prefill_blocks,
         prefill_masks=prefill_masks,
@@ -187,9 +197,15 @@ class TorchAttentionBackend:
         ctx_len = plan.decode_len
         # index_select: several times faster than advanced indexing on CPU.
         # (Bd*nb, bs, n_kv, hd) -> (Bd, nb*bs, n_kv, hd), trimmed to the context read
-        blocks = plan.decode_blocks
-        ctx_k = k_cache.index_select(0, blocks).view(num_seqs, -1, num_kv, head_dim)[:, :ctx_len]
-        ctx_v = v_cache.index_select(0, blocks).view(num_seqs, -1, num_kv, head_dim)[:, :ctx_len]
+        first = plan.decode_first_slot
+        if first is not None:  # one sequence, its blocks consecutive: read in place
+            ctx_k = k_cache.view(1, -1, num_kv, head_dim)[:, first : first + ctx_len]
+            ctx_v = v_cache.view(1, -1, num_kv, head_dim)[:, first : first + ctx_len]
+        else:
+            blocks = plan.decode_blocks
+            ctx_k = k_cache.index_select(0, blocks).view(num_seqs, -1, num_kv, head_dim)
+            ctx_v = v_cache.index_select(0, blocks).view(num_seqs, -1, num_kv, head_dim)
+            ctx_k, ctx_v = ctx_k[:, :ctx_len], ctx_v[:, :ctx_len]
         out = F.scaled_dot_product_attention(
             q.reshape(num_seqs, num_kv, num_heads // num_kv, head_dim),
             ctx_k.transpose(1, 2),  # (Bd, n_kv, L, hd)

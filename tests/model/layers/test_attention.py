@@ -141,3 +141,31 @@ def test_torch_backend_without_cache_rejects_cached_prefix():
     meta = build_attention_metadata([5], [2], [[0, 1]], 4, "cpu")
     with pytest.raises(AssertionError, match="cached prefix needs the KV cache"):
         TorchAttentionBackend().forward(q, k, v, None, None, meta, 0.3)
+
+
+@pytest.mark.parametrize("table", [[5, 6, 7, 8], [5, 7, 6, 8], [9], [3, 2], [4, 5, 7]])
+def test_a_lone_decode_reads_consecutive_blocks_in_place(table):
+    """One sequence decoding: a context whose blocks are consecutive in the pool is read as a
+    slice of it, any other gathered; both match the reference at every step."""
+    torch.manual_seed(0)
+    num_heads, num_kv, head_dim, block_size = 6, 2, 8, 4
+    scale = head_dim**-0.5
+    backend = TorchAttentionBackend()
+    k_cache = torch.zeros(12, block_size, num_kv, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    total = len(table) * block_size
+    ks, vs = torch.randn(2, total, num_kv, head_dim)
+    qs = torch.randn(total, num_heads, head_dim)
+    prompt = 2
+    meta = build_attention_metadata([prompt], [prompt], [table], block_size, "cpu")
+    backend.forward(qs[:prompt], ks[:prompt], vs[:prompt], k_cache, v_cache, meta, scale)
+    for pos in range(prompt, total):
+        meta = build_attention_metadata([pos + 1], [1], [table], block_size, "cpu")
+        out = backend.forward(
+            qs[pos : pos + 1], ks[pos : pos + 1], vs[pos : pos + 1], k_cache, v_cache, meta, scale
+        )
+        used = table[: pos // block_size + 1]
+        is_consecutive = used == list(range(used[0], used[0] + len(used)))
+        assert meta._plan.decode_first_slot == (used[0] * block_size if is_consecutive else None)
+        ref = reference_attention(qs[pos : pos + 1], ks[: pos + 1], vs[: pos + 1], scale)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
