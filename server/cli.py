@@ -135,7 +135,8 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", *QUANTIZATIONS],
         help="CPU: weight-only int8 (per channel) or int4 (group 32) linear layers; "
-        "auto: a GGUF's own precision (Q4 -> int4, Q5-Q8 -> int8), none for a folder",
+        "auto: a GGUF's own precision (Q4 -> int4, Q5-Q8 -> int8) and the default model's "
+        "(int4), none for a folder given",
     )
     add_config_flag(
         serve,
@@ -248,14 +249,15 @@ def is_gguf(path: str) -> bool:
 def resolve_quantization(
     requested: str, model_arg: str | None, model_dir: Path, device: str
 ) -> str:
-    """--quantization auto: a GGUF file's own precision on the CPU (the quantized kernels are
-    CPU ones), none for a model folder or on CUDA."""
+    """--quantization auto: on the CPU (the quantized kernels are CPU ones), the precision the
+    weights ship in: a GGUF file's own, and the default model's (no model given), which ships as
+    a Q4_1 GGUF; none for a model folder given and on CUDA."""
     if requested != "auto":
         return requested
     import torch
 
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if model_arg and is_gguf(model_arg) and not on_cuda:
+    if (not model_arg or is_gguf(model_arg)) and not on_cuda:
         from model.hub.default_model import gguf_source
 
         return (gguf_source(model_dir) or {}).get("quantization", "none")

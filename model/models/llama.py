@@ -223,15 +223,22 @@ class LlamaForCausalLM(nn.Module):
         if quantized is not None and (
             self.lm_head_packed is None or hidden.shape[0] < self.lm_head_batch_rows
         ):
-            logits = rescore_top_logits(quantized(hidden).float(), hidden, quantized)
+            logits = rescore_top_logits(quantized(hidden).float(), hidden, self._lm_head_rows)
         elif self.lm_head_packed is not None:
             packed = self.lm_head_packed
             logits = batch_linear(hidden, packed).float()
             if quantized is not None and packed.dtype != hidden.dtype:  # bf16 copy: as above
-                logits = rescore_top_logits(logits, hidden, quantized)
+                logits = rescore_top_logits(logits, hidden, self._lm_head_rows)
         else:
             logits = F.linear(hidden, self.lm_head_weight).float()
         return logits if self.tp is None else self.tp.gather_logits(logits)
+
+    def _lm_head_rows(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The fp32 LM head rows `ids` that rescore_top_logits recomputes the top logits with:
+        a tied head's embedding rows (the weights as loaded), else its quantized weight's."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight.index_select(0, ids).float()
+        return self.lm_head_quantized.exact_rows(ids)
 
     def pack_for_cpu(self) -> bool:
         """Run the linear layers and the LM head from oneDNN-packed weights (model/cpu_linear.py).
@@ -277,8 +284,11 @@ class LlamaForCausalLM(nn.Module):
         all_quantized = True
         batch_dtype = self._batch_weight_dtype(mode) if batch_weights else None
         if self.lm_head_quantized is None:
-            # Its codes stay too, to rescore each row's top candidates in fp32 (quant.py).
-            packed = quantize_with_reference(self.lm_head_weight, mode, keep_codes=True)
+            # Each row's top candidates are rescored in fp32 (quant.py): an untied head keeps its
+            # codes for that, a tied one reads its embedding rows (_lm_head_rows).
+            packed = quantize_with_reference(
+                self.lm_head_weight, mode, keep_codes=self.lm_head is not None
+            )
             if packed is None:
                 all_quantized = False
             else:

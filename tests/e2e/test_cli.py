@@ -161,3 +161,20 @@ def test_readme_documents_every_serve_flag() -> None:
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":
                     assert f"`{flag}`" in readme, f"{name} {flag} is not in README.md"
+
+
+def test_quantization_auto_is_the_precision_the_weights_ship_in(
+    default_model_dir: Path, tmp_path: Path
+) -> None:
+    """The default model (no model given) and a GGUF file run 4-bit on the CPU; a folder given
+    runs as it is, CUDA unquantized, and an explicit choice stands."""
+    from model.hub.default_model import ensure_default_gguf, gguf_model_dir
+    from server.cli import resolve_quantization
+
+    gguf = ensure_default_gguf(progress=False)
+    assert resolve_quantization("auto", None, default_model_dir, "cpu") == "int4"
+    assert resolve_quantization("auto", str(gguf), gguf_model_dir(str(gguf)), "cpu") == "int4"
+    assert resolve_quantization("auto", str(default_model_dir), default_model_dir, "cpu") == "none"
+    assert resolve_quantization("auto", None, default_model_dir, "cuda") == "none"
+    assert resolve_quantization("auto", None, tmp_path, "cpu") == "none"  # no GGUF record
+    assert resolve_quantization("int8", None, default_model_dir, "cpu") == "int8"

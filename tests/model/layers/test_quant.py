@@ -31,15 +31,16 @@ from model.text.tokenizer import Tokenizer
 MODES = ["int8", "int4"]
 # (out, in): the default model's projections in miniature, a bias-free LM-head-like tall one.
 SHAPES = [(96, 64), (48, 160), (256, 96), (1536, 576)]
-# The int4 model (bf16 activations, each row's top 8 logits rescored in fp32) against its own
-# weights dequantized to fp32, measured on 2 cores with torch 2.13: 98.64% top-1 over 368
-# positions (max |dlogit| 0.57), 99.28% over 2,208 (max |dlogit| 0.63, every flip at a reference
-# margin under 0.2). Without the rescoring: 97.7% over 2,208.
+# The int4 model (bf16 activations, each row's top 16 logits rescored in fp32 from the tied
+# head's embedding rows) against its layers' int4 weights dequantized to fp32 and the embedding
+# as loaded for the head, measured on a 2-core Xeon with torch 2.13: 99.73% top-1 over 368
+# positions, 99.09% over 2,208 (max |dlogit| of the reference's top-1 0.39, every flip at a
+# reference margin under 0.07); batches from bf16 copies 99.32% over 2,208. The 4-bit head alone
+# agrees with its embedding's choice at 86.7%; rescoring 8 candidates left a flip at 0.31.
 TIE_MARGIN = 0.25
 MIN_TOP1_AGREEMENT = 0.97
 MAX_LOGIT_DIFF = 1.5
 ISSUE_TOP1_AGREEMENT = 0.99  # issue 14's bar
-BATCH_TOP1_AGREEMENT = 0.985  # batches from bf16 copies of the dequantized weights
 
 
 def random_weight(num_out: int, num_in: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -119,7 +120,7 @@ def test_rescored_top_logits_are_fp32_math_on_the_dequantized_rows(mode):
     qw = quantize_weight(weight, mode, keep_codes=True)
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(3))
     approx = qw(x).float()
-    logits = rescore_top_logits(approx.clone(), x, qw, k=4)
+    logits = rescore_top_logits(approx.clone(), x, qw.exact_rows, k=4)
     want = F.linear(x, dequantized(weight, mode))
     top = approx.topk(4, dim=-1).indices
     rescored = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
@@ -128,7 +129,7 @@ def test_rescored_top_logits_are_fp32_math_on_the_dequantized_rows(mode):
     assert (approx[rescored] != want[rescored]).any()  # bf16 rounding was there to remove
     if mode == "int4":  # without its codes the kernel's logits stay
         no_codes = quantize_weight(weight, mode)
-        assert torch.equal(rescore_top_logits(approx.clone(), x, no_codes), approx)
+        assert torch.equal(rescore_top_logits(approx.clone(), x, no_codes.exact_rows), approx)
 
 
 def test_int4_round_trip_error_is_at_most_half_a_step():
@@ -317,7 +318,8 @@ def default_model_pair(
     default_model_dir,
 ) -> tuple[LlamaForCausalLM, LlamaForCausalLM, torch.Tensor]:
     """(the default model on int4 kernels, the same model on its int4 weights dequantized to fp32
-    and run by F.linear, that model's dequantized LM head)."""
+    and run by F.linear, the LM head weights the int4 model's top logits are rescored with: its
+    embedding as loaded, as the head is tied)."""
     supported_or_skip("int4")
     quantized, _ = load_model(default_model_dir)
     reference = copy.deepcopy(quantized)
@@ -326,8 +328,8 @@ def default_model_pair(
         for layer in reference.model.layers.modules():
             if isinstance(layer, Linear):
                 layer.weight.copy_(dequantized(layer.weight, "int4"))
-    # Tied embeddings: the LM head gets its own dequantized copy, the lookup keeps fp32.
-    return quantized, reference, dequantized(reference.lm_head_weight, "int4")
+    assert reference.lm_head is None  # tied: rescored from the fp32 embedding rows
+    return quantized, reference, reference.lm_head_weight.detach().clone()
 
 
 @pytest.fixture(scope="module")
@@ -387,15 +389,18 @@ def check_top1_agreement(
         ids = [t for text in order for t in text]
         got = whole_prompt_logits(quantized, ids)
         want = whole_prompt_logits(reference, ids, lm_head)
-        top2 = want.topk(2, dim=-1).values
-        flips = got.argmax(-1) != want.argmax(-1)
-        flip_margins += (top2[:, 0] - top2[:, 1])[flips].tolist()
+        top2 = want.topk(2, dim=-1)
+        flips = got.argmax(-1) != top2.indices[:, 0]
+        flip_margins += (top2.values[:, 0] - top2.values[:, 1])[flips].tolist()
         total += len(ids)
-        max_diff = max(max_diff, (got - want).abs().max().item())
+        # The logit of the reference's choice (the others far below it are the 4-bit head's).
+        best = top2.indices[:, :1]
+        max_diff = max(max_diff, (got.gather(1, best) - want.gather(1, best)).abs().max().item())
     assert total >= num_positions, total
     rate = 1 - len(flip_margins) / total
     summary = (
-        f"top-1 agreement {rate:.2%} over {total} positions, max |dlogit| {max_diff:.4f}, "
+        f"top-1 agreement {rate:.2%} over {total} positions, max |dlogit| of the reference's "
+        f"top-1 {max_diff:.4f}, "
         f"reference margins where top-1 differs {[round(m, 4) for m in flip_margins]}"
     )
     print(summary)
@@ -425,8 +430,7 @@ def test_int4_model_meets_the_issue_top1_bar_over_2000_positions(
 def test_int4_model_batches_agree_with_its_dequantized_weights(
     default_model_dir, default_model_batch_pair
 ):
-    # bf16 copies measured 98.82% over 2,208 positions (max |dlogit| 0.99, every flip at a
-    # reference margin under 0.11): the weights' rounding to bf16 on top of the activations'.
+    # bf16 copies: the weights' rounding to bf16 on top of the activations' (see the top).
     check_top1_agreement(default_model_dir, default_model_batch_pair, 300)
 
 
@@ -434,7 +438,7 @@ def test_int4_model_batches_agree_with_its_dequantized_weights(
 def test_int4_model_batches_agree_with_its_dequantized_weights_2000_positions(
     default_model_dir, default_model_batch_pair
 ):
-    check_top1_agreement(default_model_dir, default_model_batch_pair, 2000, BATCH_TOP1_AGREEMENT)
+    check_top1_agreement(default_model_dir, default_model_batch_pair, 2000, ISSUE_TOP1_AGREEMENT)
 
 
 def test_engine_config_validates_quantization():
@@ -445,3 +449,46 @@ def test_engine_config_validates_quantization():
         EngineConfig(model_dir="m", device="cpu", quantization="q4_0")
     with pytest.raises(ValueError, match="CPU only"):
         EngineConfig(model_dir="m", device="cuda", quantization="int8")
+
+
+GREEDY_QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a prime number is.",
+    "List three uses of a paperclip.",
+]
+GREEDY_TOKENS = 32
+GREEDY_MARGIN = 0.1  # issue 14: a divergence must sit at a reference margin under this
+
+
+def test_int4_engine_greedy_text_follows_its_dequantized_weights(
+    default_model_dir, default_model_pair
+):
+    """The int4 engine as served (prefill from the batch copies, decode on the int4 kernels)
+    generates 32 greedy tokens per prompt; fp32 math on the dequantized weights then scores that
+    very text: every token must be its top-1, or within GREEDY_MARGIN of it."""
+    from model.engine.config import EngineConfig
+    from model.engine.llm_engine import LLMEngine
+    from model.sampling_params import SamplingParams
+
+    _, reference, lm_head = default_model_pair
+    engine = LLMEngine(EngineConfig(model_dir=str(default_model_dir), quantization="int4"))
+    prompts = [
+        engine.tokenizer.encode_chat([{"role": "user", "content": q}]).token_ids
+        for q in GREEDY_QUESTIONS
+    ]
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
+    outputs = engine.generate(prompts, params)
+    margins = []
+    for prompt, (choice,) in zip(prompts, outputs, strict=True):
+        tokens = choice.token_ids
+        assert len(tokens) == GREEDY_TOKENS
+        logits = whole_prompt_logits(reference, prompt + tokens, lm_head)[len(prompt) - 1 : -1]
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+        margins += (logits.max(-1).values - chosen).tolist()
+    divergences = [round(m, 4) for m in margins if m > 0]
+    print(
+        f"{len(divergences)} of {len(margins)} greedy tokens not the reference's top-1:",
+        divergences,
+    )
+    assert all(m < GREEDY_MARGIN for m in margins), divergences
