@@ -108,16 +108,18 @@ def _causal_sdpa(
     q: [L_q, n_heads, hd]; k/v: [L_k, n_kv, hd]; mask: [L_q, L_k] bool (True = attend), or None
     for plain causal attention (L_q == L_k). Returns [L_q, n_heads, hd].
     """
+    # 4-D with a batch of one: torch 2.13's CPU flash kernel takes only 4-D inputs, and 3-D ones
+    # ran 2.5-5x slower (512 new tokens over 1,024 of context, 9 heads: 4.4 ms against 14-22).
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),  # (n_heads, L_q, hd)
-        k.transpose(0, 1),  # (n_kv, L_k, hd)
-        v.transpose(0, 1),
+        q.transpose(0, 1)[None],  # (1, n_heads, L_q, hd)
+        k.transpose(0, 1)[None],  # (1, n_kv, L_k, hd)
+        v.transpose(0, 1)[None],
         attn_mask=mask,
         is_causal=mask is None,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class TorchAttentionBackend:
