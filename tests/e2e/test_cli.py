@@ -130,7 +130,13 @@ def test_sigterm_lets_a_stream_finish(default_model_dir: Path, tmp_path: Path) -
         "--max-model-len", "512",
     )  # fmt: skip
     try:
-        body = {"prompt": "Once", "max_tokens": 24, "ignore_eos": True, "stream": True}
+        body = {
+            "prompt": "Once",
+            "max_tokens": 24,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         with srv.http() as http, http.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             events = [line for line in itertools.islice(lines, 6) if line.startswith("data: ")]
@@ -141,8 +147,10 @@ def test_sigterm_lets_a_stream_finish(default_model_dir: Path, tmp_path: Path) -
             events += [line for line in lines if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
         chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 20
+        # Every token arrived (a token may add no text of its own: a partial UTF-8 character).
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 24
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for c in chunks[:-1] if c["choices"][0]["text"]) >= 12
         assert srv.proc.wait(30) == 0, srv.log()[-4000:]
     finally:
         srv.stop()
