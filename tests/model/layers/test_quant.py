@@ -33,14 +33,17 @@ MODES = ["int8", "int4"]
 SHAPES = [(96, 64), (48, 160), (256, 96), (1536, 576)]
 # The int4 model (bf16 activations, each row's top 16 logits rescored in fp32 from the tied
 # head's embedding rows) against its layers' int4 weights dequantized to fp32 and the embedding
-# as loaded for the head, measured on a 2-core Xeon with torch 2.13: 99.73% top-1 over 368
-# positions, 99.09% over 2,208 (max |dlogit| of the reference's top-1 0.39, every flip at a
-# reference margin under 0.07); batches from bf16 copies 99.32% over 2,208. The 4-bit head alone
-# agrees with its embedding's choice at 86.7%; rescoring 8 candidates left a flip at 0.31.
+# as loaded for the head, measured on a 2-core Xeon with torch 2.13: 99.30% top-1 over 6,256
+# positions (max |dlogit| of the reference's top-1 0.40, every flip at a reference margin under
+# 0.08); batches from bf16 copies 99.09%. Over 2,208 positions the rate moved between 98.78% and
+# 99.09% with the attention kernel's rounding alone (3-D or 4-D SDPA inputs), so the issue's 99%
+# is checked over ISSUE_POSITIONS. The 4-bit head alone agrees with its embedding's choice at
+# 86.7%; rescoring 8 candidates instead of 16 left a flip at a margin of 0.31.
 TIE_MARGIN = 0.25
 MIN_TOP1_AGREEMENT = 0.97
 MAX_LOGIT_DIFF = 1.5
-ISSUE_TOP1_AGREEMENT = 0.99  # issue 14's bar
+ISSUE_TOP1_AGREEMENT = 0.99  # issue 14's bar, over at least 2,000 positions
+ISSUE_POSITIONS = 6000
 
 
 def random_weight(num_out: int, num_in: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -409,36 +412,21 @@ def check_top1_agreement(
     assert max_diff < MAX_LOGIT_DIFF, summary
 
 
-def test_int4_model_agrees_with_its_dequantized_weights(default_model_dir, default_model_pair):
-    check_top1_agreement(default_model_dir, default_model_pair, 300)
+# The int4 kernels (single rows), and the batch copies (bf16 ones: the weights' rounding to bf16
+# on top of the activations'; see the top).
+PAIRS = ["default_model_pair", "default_model_batch_pair"]
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_int4_model_agrees_with_its_dequantized_weights(default_model_dir, pair, request):
+    check_top1_agreement(default_model_dir, request.getfixturevalue(pair), 300)
 
 
 @pytest.mark.slow
-def test_int4_model_agrees_with_its_dequantized_weights_2000_positions(
-    default_model_dir, default_model_pair
-):
-    check_top1_agreement(default_model_dir, default_model_pair, 2000)
-
-
-@pytest.mark.slow
-def test_int4_model_meets_the_issue_top1_bar_over_2000_positions(
-    default_model_dir, default_model_pair
-):
-    check_top1_agreement(default_model_dir, default_model_pair, 2000, ISSUE_TOP1_AGREEMENT)
-
-
-def test_int4_model_batches_agree_with_its_dequantized_weights(
-    default_model_dir, default_model_batch_pair
-):
-    # bf16 copies: the weights' rounding to bf16 on top of the activations' (see the top).
-    check_top1_agreement(default_model_dir, default_model_batch_pair, 300)
-
-
-@pytest.mark.slow
-def test_int4_model_batches_agree_with_its_dequantized_weights_2000_positions(
-    default_model_dir, default_model_batch_pair
-):
-    check_top1_agreement(default_model_dir, default_model_batch_pair, 2000, ISSUE_TOP1_AGREEMENT)
+@pytest.mark.parametrize("pair", PAIRS)
+def test_int4_model_meets_the_issue_top1_bar(default_model_dir, pair, request):
+    pair = request.getfixturevalue(pair)
+    check_top1_agreement(default_model_dir, pair, ISSUE_POSITIONS, ISSUE_TOP1_AGREEMENT)
 
 
 def test_engine_config_validates_quantization():
