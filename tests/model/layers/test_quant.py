@@ -23,6 +23,7 @@ from model.layers.quant import (
     quantize_int8,
     quantize_weight,
     rescore_top_logits,
+    top_indices,
 )
 from model.models.llama import LlamaForCausalLM
 from model.models.loader import load_model
@@ -133,6 +134,16 @@ def test_rescored_top_logits_are_fp32_math_on_the_dequantized_rows(mode):
     if mode == "int4":  # without its codes the kernel's logits stay
         no_codes = quantize_weight(weight, mode)
         assert torch.equal(rescore_top_logits(approx.clone(), x, no_codes.exact_rows), approx)
+
+
+@pytest.mark.parametrize("num_cols", [49152, 4096, 1000, 64 * 4 * 16])
+def test_top_indices_are_topk_s(num_cols):
+    gen = torch.Generator().manual_seed(num_cols)
+    logits = torch.randn(5, num_cols, generator=gen)
+    logits[1, 128:160] += 10  # the whole top 16 of a row in two chunks
+    logits[2, ::97] += 5  # ... or spread one a chunk
+    got = top_indices(logits, 16).sort(dim=-1).values
+    assert torch.equal(got, logits.topk(16, dim=-1).indices.sort(dim=-1).values)
 
 
 def test_int4_round_trip_error_is_at_most_half_a_step():
