@@ -85,11 +85,9 @@ RMS_NORM_PLAIN_ROWS = 256
 
 
 def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        if x.numel() >= RMS_NORM_PLAIN_ROWS * x.shape[-1]:
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    if x.dtype == torch.float32 and x.numel() < RMS_NORM_PLAIN_ROWS * x.shape[-1]:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    x32 = x.float()
+    x32 = x.float()  # x itself in fp32
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,16 @@ def batch_linear(
     return out if bias is None else out.add_(bias)
 
 
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """The shortest of `repeats` timed calls of fn, in seconds."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def faster_batch_dtype(weight: torch.Tensor, rows: tuple[int, ...] = (16, 64)) -> torch.dtype:
     """bf16 where a oneDNN-packed bf16 copy of `weight` ran faster than an fp32 one at every row
     count of `rows` (machines with AVX512-BF16 or AMX: 2.5-4.5x on the default model's
@@ -83,13 +94,8 @@ def faster_batch_dtype(weight: torch.Tensor, rows: tuple[int, ...] = (16, 64)) -
         x = torch.randn(num_rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
         best = {}
         for dtype, packed in copies.items():
-            batch_linear(x, packed)
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                batch_linear(x, packed)
-                times.append(time.perf_counter() - t0)
-            best[dtype] = min(times)
+            batch_linear(x, packed)  # warm-up
+            best[dtype] = best_time(lambda x=x, packed=packed: batch_linear(x, packed), 3)
         if best[torch.bfloat16] >= best[torch.float32]:
             return torch.float32
     return torch.bfloat16

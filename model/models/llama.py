@@ -6,7 +6,6 @@ Weights keep Hugging Face names except two fusions made at load time (see weight
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +21,7 @@ from model.layers.linear import (
     BATCH_ROWS_NEVER,
     Linear,
     batch_linear,
+    best_time,
     faster_batch_dtype,
     linear,
     pack_weight,
@@ -370,13 +370,7 @@ def _crossover_rows(
     `quantized` (best of two passes each), or None."""
 
     def best_pass(fn, weights, x) -> float:
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            for w in weights:
-                fn(x, w)
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return best_time(lambda: [fn(x, w) for w in weights], 2)
 
     for rows in ladder:
         x = torch.randn(rows, num_in)
