@@ -64,8 +64,25 @@ def comma_list(text: str) -> tuple[str, ...]:
     return values
 
 
+def add_quantization_flag(parser: argparse.ArgumentParser) -> None:
+    """--quantization, shared by serve and generate; resolve_quantization() settles "auto"."""
+    from model.engine.config import QUANTIZATIONS, EngineConfig
+
+    add_config_flag(
+        parser,
+        "--quantization",
+        EngineConfig,
+        "quantization",
+        default="auto",
+        choices=["auto", *QUANTIZATIONS],
+        help="CPU: weight-only int8 (per channel) or int4 (group 32) linear layers; "
+        "auto: a GGUF's own precision (Q4 -> int4, Q5-Q8 -> int8) and the default model's "
+        "(int4), none for a folder given",
+    )
+
+
 def add_serve_flags(serve: argparse.ArgumentParser) -> None:
-    from model.engine.config import DTYPES, QUANTIZATIONS, EngineConfig
+    from model.engine.config import DTYPES, EngineConfig
     from server.api.handlers import APIState
     from server.http.config import ServerConfig
 
@@ -127,17 +144,7 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     add_config_flag(
         serve, "--no-prefix-caching", EngineConfig, "enable_prefix_caching", action="store_false"
     )
-    add_config_flag(
-        serve,
-        "--quantization",
-        EngineConfig,
-        "quantization",
-        default="auto",
-        choices=["auto", *QUANTIZATIONS],
-        help="CPU: weight-only int8 (per channel) or int4 (group 32) linear layers; "
-        "auto: a GGUF's own precision (Q4 -> int4, Q5-Q8 -> int8) and the default model's "
-        "(int4), none for a folder given",
-    )
+    add_quantization_flag(serve)
     add_config_flag(
         serve,
         "--tensor-parallel-size",
@@ -214,13 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="one chat turn, printed as it is generated")
     gen.add_argument("prompt")
-    gen.add_argument("--model", help="model folder (default: the default model)")
+    gen.add_argument("--model", help="model folder or GGUF file (default: the default model)")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--system", help="system prompt")
     add_config_flag(gen, "--device", EngineConfig, "device")
     add_config_flag(gen, "--dtype", EngineConfig, "dtype", choices=["auto", *DTYPES])
+    add_quantization_flag(gen)
     return parser
 
 
@@ -264,6 +272,13 @@ def resolve_quantization(
     return "none"
 
 
+def settle_quantization(args: argparse.Namespace, model_arg: str | None, model_dir: Path) -> None:
+    """Replace the parsed --quantization by what resolve_quantization() makes of it."""
+    dest = "EngineConfig.quantization"
+    device = getattr(args, "EngineConfig.device")
+    setattr(args, dest, resolve_quantization(getattr(args, dest), model_arg, model_dir, device))
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from model.hub.default_model import ensure_default_model, pull_default_model
 
@@ -286,15 +301,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from model.sampling_params import SamplingParams
 
     model_dir = resolve_model_dir(args.model)
-    engine = LLMEngine(
-        config_from_args(
+    settle_quantization(args, args.model, model_dir)
+    try:
+        config = config_from_args(
             args,
             EngineConfig,
             model_dir=str(model_dir),
             max_num_seqs=1,
             kv_cache_memory_bytes=256 * MiB,
         )
-    )
+    except ValueError as exc:
+        return fail(str(exc), 2)
+    engine = LLMEngine(config)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -328,13 +346,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     checkpoint_files(model_dir)
     default_name = Path(args.model_dir).stem if args.model_dir and is_gguf(args.model_dir) else None
     model_name = args.served_model_name or default_name or model_dir.resolve().name
-    quantization = resolve_quantization(
-        getattr(args, "EngineConfig.quantization"),
-        args.model_dir,
-        model_dir,
-        getattr(args, "EngineConfig.device"),
-    )
-    setattr(args, "EngineConfig.quantization", quantization)
+    settle_quantization(args, args.model_dir, model_dir)
     try:
         engine_config = config_from_args(args, EngineConfig, model_dir=str(model_dir))
         server_config = config_from_args(args, ServerConfig)

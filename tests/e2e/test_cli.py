@@ -51,6 +51,26 @@ def test_generate_answers(default_model_dir: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_generate_runs_a_gguf_file_on_its_own_4_bit_weights() -> None:
+    """`--quantization auto` settles as for serve: a GGUF file runs int4 (its Q4_1 blocks); an
+    explicit choice stands, and a bad one is argparse's usage error."""
+    from model.hub.default_model import ensure_default_gguf
+    from server.cli import build_parser, resolve_model_dir, settle_quantization
+
+    gguf = str(ensure_default_gguf(progress=False))
+    for flags, want in (([], "int4"), (["--quantization", "none"], "none")):
+        args = build_parser().parse_args(["generate", "--model", gguf, *flags, "hi"])
+        settle_quantization(args, args.model, resolve_model_dir(args.model))
+        assert getattr(args, "EngineConfig.quantization") == want, flags
+    result = nanoserve(
+        "generate", "--model", gguf, "--max-tokens", "16", "Name three primary colors."
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Red" in result.stdout, result.stdout
+    bad = nanoserve("generate", "--quantization", "int3", "hi")
+    assert bad.returncode == 2 and "invalid choice: 'int3'" in bad.stderr, bad.stderr
+
+
 def test_help_lists_every_command_and_serve_flag() -> None:
     result = nanoserve("--help")
     assert result.returncode == 0
