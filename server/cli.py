@@ -132,7 +132,8 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         EngineConfig,
         "enforce_eager",
         action="store_true",
-        help="CUDA: no CUDA graphs for decode",
+        help="CUDA: no CUDA graphs for decode; CPU: the decode step of one sequence is not "
+        "compiled (it is for quantized weights)",
     )
     add_config_flag(
         serve,
@@ -309,6 +310,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model_dir=str(model_dir),
             max_num_seqs=1,
             kv_cache_memory_bytes=256 * MiB,
+            enforce_eager=True,  # one turn does not pay back compiling the decode step
         )
     except ValueError as exc:
         return fail(str(exc), 2)

@@ -86,6 +86,11 @@ def print_summary(
         f"  device       {cfg.device}, {cfg.dtype}, attention backend {cfg.attn_backend}"
         + (", oneDNN-packed linear layers" if engine.runner.packed_weights else "")
         + (f", {engine.runner.quantized_weights}" if engine.runner.quantized_weights else "")
+        + (
+            f", one sequence's decode step compiled ({engine.runner.lone_decode.compile_s:.0f} s)"
+            if engine.runner.lone_decode
+            else ""
+        )
         + tensor_parallel,
         f"  KV cache     {kv_tokens} tokens in {engine.runner.num_blocks} blocks of "
         f"{cfg.block_size}; prefix caching {'on' if cfg.enable_prefix_caching else 'off'}",

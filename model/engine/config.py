@@ -32,7 +32,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_queued_requests: int = 1024
     attn_backend: str = "auto"  # auto (triton on CUDA when importable, else torch) | torch | triton
-    enforce_eager: bool = False  # CUDA: no graphs for decode steps
+    enforce_eager: bool = False  # no CUDA graphs for decode steps; CPU: no compiled decode step
     num_threads: int | None = None
     cpu_packed_weights: bool = True  # CPU: linear layers from oneDNN-packed weights
     quantization: str = "none"  # CPU: none | int8 (per channel) | int4 (group 32) weight-only

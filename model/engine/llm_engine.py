@@ -91,6 +91,15 @@ class LLMEngine:
             and config.tensor_parallel_size == 1
         ):
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
+        # CPU, quantized: the decode step of one sequence compiled (model/engine/cpu_decode.py).
+        if (
+            self.runner.device.type == "cpu"
+            and self.runner.quantized_weights
+            and not config.enforce_eager
+            and config.tensor_parallel_size == 1
+            and config.attn_backend == "torch"
+        ):
+            self.runner.compile_lone_decode()
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )

@@ -142,6 +142,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
         self.graph_runner = None  # DecodeGraphRunner once captured (CUDA only)
+        self.lone_decode = None  # CompiledLoneDecode once compiled (CPU only)
 
     @property
     def block_bytes(self) -> int:
@@ -185,6 +186,15 @@ class ModelRunner:
             block_size=self.config.block_size,
         )
         self.graph_runner.capture()
+
+    def compile_lone_decode(self) -> None:
+        """The compiled decode step of one sequence (CPU), bound to this pool."""
+        from model.engine.cpu_decode import CompiledLoneDecode
+
+        assert self.kv_cache is not None
+        compiled = CompiledLoneDecode(self.model, self.kv_cache, self.config.block_size)
+        if compiled.compile():
+            self.lone_decode = compiled
 
     def num_blocks_for_gpu(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
         """Blocks that fit in the GPU memory left after weights and a warm-up at the largest batch."""
@@ -287,9 +297,11 @@ class ModelRunner:
         )
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=device)
-        graphs = self.graph_runner
+        graphs, lone_decode = self.graph_runner, self.lone_decode
         if graphs is not None and graphs.can_run(meta):
             hidden = graphs.run(ids_t, pos_t, meta)  # a view of the graph's static output
+        elif lone_decode is not None and lone_decode.can_run(meta):
+            hidden = lone_decode.run(ids_t, pos_t, meta)
         else:
             hidden = self.model(ids_t, pos_t, self.kv_cache, meta)
         output = RunnerOutput(None)

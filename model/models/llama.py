@@ -6,6 +6,8 @@ Weights keep Hugging Face names except two fusions made at load time (see weight
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,7 +17,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.layers.attention.backends import get_attention_backend
 from model.layers.attention.metadata import AttentionMetadata
-from model.layers.attention.torch_backend import TorchAttentionBackend
+from model.layers.attention.torch_backend import TorchAttentionBackend, lone_decode_attention
 from model.layers.fused_ops import silu_and_mul
 from model.layers.linear import (
     BATCH_ROWS_NEVER,
@@ -42,6 +44,10 @@ BATCH_ROWS_LADDER = (2, 4, 8, 16, 32, 64)
 if TYPE_CHECKING:
     from model.layers.parallel import TPContext
 
+# A layer's attention over its context: (q [T, heads, hd], k, v [T, kv_heads, hd], scale) -> the
+# output [T, heads, hd]; it also stores k and v in the KV cache.
+Attend = Callable[..., torch.Tensor]
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, attn_backend: TorchAttentionBackend) -> None:
@@ -64,13 +70,7 @@ class LlamaAttention(nn.Module):
         self.tp: TPContext | None = None  # set by shard_model() (model/layers/parallel.py)
 
     def forward(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor | None,
-        v_cache: torch.Tensor | None,
-        meta: AttentionMetadata,
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = linear(hidden, self.qkv_proj)
@@ -89,7 +89,7 @@ class LlamaAttention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             v = qkv[:, self.q_size + self.kv_size :]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.attn_backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        out = attend(q, k, v, scale=self.scale)
         # Quantized: the kernel's bf16 result, which the residual add promotes (sharded: the
         # all-reduce sums in the model's dtype).
         out = linear(out.reshape(num_tokens, self.q_size), self.o_proj, any_dtype=self.tp is None)
@@ -124,9 +124,7 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_cache: torch.Tensor | None,
-        v_cache: torch.Tensor | None,
-        meta: AttentionMetadata,
+        attend: Attend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual add is deferred into the next norm (one fused pass on CUDA):
         returns (this layer's MLP output, the residual stream before adding it)."""
@@ -134,7 +132,7 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm.forward(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        hidden = self.self_attn.forward(hidden, cos, sin, k_cache, v_cache, meta)
+        hidden = self.self_attn.forward(hidden, cos, sin, attend)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
         return self.mlp.forward(hidden), residual
 
@@ -191,6 +189,51 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] or None (then
         every sequence in `meta` must be a whole prompt, nothing cached).
         """
+        # One unbind for the layers' (K, V) views instead of four indexing ops per layer.
+        layer_kv = (
+            [(None, None)] * len(self.model.layers)
+            if kv_cache is None
+            else [kv.unbind(0) for kv in kv_cache.unbind(0)]
+        )
+        backend = self.attn_backend.forward
+        attends = [partial(backend, k_cache=k, v_cache=v, meta=meta) for k, v in layer_kv]
+        return self._decoder(input_ids, positions, attends)
+
+    def forward_lone_decode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_slots: torch.Tensor,
+        slot: torch.Tensor,
+        first: int,
+        ctx_len: int,
+    ) -> torch.Tensor:
+        """forward() of one decoding sequence whose context lies in consecutive slots of the
+        pool, with tensors and ints only (what model/engine/cpu_decode.py compiles).
+
+        kv_slots: the KV pool as `[num_layers * 2 * num_slots, num_kv_heads, head_dim]` (layer
+        i's K slots, then its V slots); slot: `[1]`, where the new token goes within a layer's
+        slots; its context is slots `first` to `first + ctx_len - 1`, the new token's included.
+        """
+        num_slots = kv_slots.shape[0] // (2 * len(self.model.layers))
+        attends = [
+            partial(
+                lone_decode_attention,
+                kv_slots=kv_slots,
+                k_base=2 * i * num_slots,
+                v_base=(2 * i + 1) * num_slots,
+                slot=slot,
+                first=first,
+                ctx_len=ctx_len,
+            )
+            for i in range(len(self.model.layers))
+        ]
+        return self._decoder(input_ids, positions, attends)
+
+    def _decoder(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attends: list[Attend]
+    ) -> torch.Tensor:
+        """Embedding, the layers (layer i attending with attends[i]) and the final norm."""
         assert self.cos_sin_cache.numel(), "call init_rope_cache() (load_model does) first"
         embed = self.model.embed_tokens.weight
         # (T, H); sharded: a masked lookup of this rank's vocabulary rows + an all-reduce.
@@ -199,15 +242,9 @@ class LlamaForCausalLM(nn.Module):
         )
         cos, sin = rope_factors(self.cos_sin_cache.index_select(0, positions))  # (T, 1, hd) each
         residual = None
-        # One unbind for the layers' (K, V) views instead of four indexing ops per layer; the
-        # layers and their parts are called through forward(): no module-call overhead.
-        layer_kv = (
-            [(None, None)] * len(self.model.layers)
-            if kv_cache is None
-            else [kv.unbind(0) for kv in kv_cache.unbind(0)]
-        )
-        for layer, (k_cache, v_cache) in zip(self.model.layers, layer_kv, strict=True):
-            hidden, residual = layer.forward(hidden, residual, cos, sin, k_cache, v_cache, meta)
+        # The layers and their parts are called through forward(): no module-call overhead.
+        for layer, attend in zip(self.model.layers, attends, strict=True):
+            hidden, residual = layer.forward(hidden, residual, cos, sin, attend)
         return self.model.norm.add_and_norm(hidden, residual)[0]
 
     @property

@@ -194,7 +194,7 @@ class TorchAttentionBackend:
         The GQA group of each KV head takes the place of the query-length axis, so K/V are
         never repeated: q (Bd, n_kv, g, hd) against k (Bd, n_kv, L, hd).
         """
-        num_seqs, num_heads, head_dim = q.shape
+        num_seqs, _, head_dim = q.shape
         num_kv = k_cache.shape[2]
         ctx_len = plan.decode_len
         # index_select: several times faster than advanced indexing on CPU.
@@ -208,11 +208,62 @@ class TorchAttentionBackend:
             ctx_k = k_cache.index_select(0, blocks).view(num_seqs, -1, num_kv, head_dim)
             ctx_v = v_cache.index_select(0, blocks).view(num_seqs, -1, num_kv, head_dim)
             ctx_k, ctx_v = ctx_k[:, :ctx_len], ctx_v[:, :ctx_len]
-        out = F.scaled_dot_product_attention(
-            q.reshape(num_seqs, num_kv, num_heads // num_kv, head_dim),
-            ctx_k.transpose(1, 2),  # (Bd, n_kv, L, hd)
-            ctx_v.transpose(1, 2),
-            attn_mask=plan.decode_mask,
-            scale=scale,
-        )
-        return out.view(num_seqs, num_heads, head_dim)
+        return _decode_sdpa(q, ctx_k, ctx_v, plan.decode_mask, scale)
+
+
+def _decode_sdpa(
+    q: torch.Tensor,
+    ctx_k: torch.Tensor,
+    ctx_v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """q [Bd, n_heads, hd] over ctx_k/ctx_v [Bd, L, n_kv, hd] -> [Bd, n_heads, hd]."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv = ctx_k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.reshape(num_seqs, num_kv, num_heads // num_kv, head_dim),
+        ctx_k.transpose(1, 2),  # (Bd, n_kv, L, hd)
+        ctx_v.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return out.view(num_seqs, num_heads, head_dim)
+
+
+def lone_decode_first_slot(meta: AttentionMetadata) -> int | None:
+    """The first slot of the context of a step that decodes one sequence whose blocks are
+    consecutive in the pool (what lone_decode_attention reads), else None."""
+    if meta.query_lens_list != [1]:
+        return None
+    plan = meta._plan
+    if plan is None:
+        plan = meta._plan = _make_plan(meta, meta.slot_mapping.device)
+    return plan.decode_first_slot
+
+
+def lone_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_slots: torch.Tensor,
+    k_base: int,
+    v_base: int,
+    slot: torch.Tensor,
+    first: int,
+    ctx_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """The torch backend's decode of one sequence whose context is consecutive in the pool, from
+    tensors and ints only (LlamaForCausalLM.forward_lone_decode, which the CPU compiles).
+
+    q: [1, n_heads, hd], k/v: [1, n_kv, hd]; kv_slots: the pool as [slots, n_kv, hd], this
+    layer's K slots from k_base and V slots from v_base; slot: [1], the new token's slot within
+    them; the context is slots first .. first + ctx_len - 1. Returns [1, n_heads, hd].
+    """
+    kv_slots.index_copy_(0, slot + k_base, k)
+    kv_slots.index_copy_(0, slot + v_base, v)
+    ctx_k = kv_slots[k_base + first : k_base + first + ctx_len].unsqueeze(0)
+    ctx_v = kv_slots[v_base + first : v_base + first + ctx_len].unsqueeze(0)
+    return _decode_sdpa(q, ctx_k, ctx_v, None, scale)

@@ -463,9 +463,10 @@ GREEDY_MARGIN = 0.1  # issue 14: a divergence must sit at a reference margin und
 def test_int4_engine_greedy_text_follows_its_dequantized_weights(
     default_model_dir, default_model_pair
 ):
-    """The int4 engine as served (prefill from the batch copies, decode on the int4 kernels)
-    generates 32 greedy tokens per prompt; fp32 math on the dequantized weights then scores that
-    very text: every token must be its top-1, or within GREEDY_MARGIN of it."""
+    """The int4 engine as served (prefill from the batch copies, decode on the int4 kernels:
+    compiled for one sequence, eager for the four together) generates 32 greedy tokens per
+    prompt; fp32 math on the dequantized weights then scores that very text: every token must be
+    its top-1, or within GREEDY_MARGIN of it."""
     from model.engine.config import EngineConfig
     from model.engine.llm_engine import LLMEngine
     from model.sampling_params import SamplingParams
@@ -477,9 +478,11 @@ def test_int4_engine_greedy_text_follows_its_dequantized_weights(
         for q in GREEDY_QUESTIONS
     ]
     params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
-    outputs = engine.generate(prompts, params)
+    assert engine.runner.lone_decode is not None  # model/engine/cpu_decode.py compiled
+    alone = [engine.generate([prompt], params)[0] for prompt in prompts]
+    together = engine.generate(prompts, params)
     margins = []
-    for prompt, (choice,) in zip(prompts, outputs, strict=True):
+    for prompt, (choice,) in zip(prompts + prompts, alone + together, strict=True):
         tokens = choice.token_ids
         assert len(tokens) == GREEDY_TOKENS
         logits = whole_prompt_logits(reference, prompt + tokens, lm_head)[len(prompt) - 1 : -1]
