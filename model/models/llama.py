@@ -205,15 +205,14 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_slots: torch.Tensor,
         slot: torch.Tensor,
-        first: int,
-        ctx_len: int,
+        ctx_slots: torch.Tensor,
     ) -> torch.Tensor:
-        """forward() of one decoding sequence whose context lies in consecutive slots of the
-        pool, with tensors and ints only (what model/engine/cpu_decode.py compiles).
+        """forward() of one decoding sequence, with tensors only (what
+        model/engine/cpu_decode.py compiles).
 
         kv_slots: the KV pool as `[num_layers * 2 * num_slots, num_kv_heads, head_dim]` (layer
         i's K slots, then its V slots); slot: `[1]`, where the new token goes within a layer's
-        slots; its context is slots `first` to `first + ctx_len - 1`, the new token's included.
+        slots; ctx_slots: `[context length]`, its context's slots, the new token's included.
         """
         num_slots = kv_slots.shape[0] // (2 * len(self.model.layers))
         attends = [
@@ -223,8 +222,7 @@ class LlamaForCausalLM(nn.Module):
                 k_base=2 * i * num_slots,
                 v_base=(2 * i + 1) * num_slots,
                 slot=slot,
-                first=first,
-                ctx_len=ctx_len,
+                ctx_slots=ctx_slots,
             )
             for i in range(len(self.model.layers))
         ]

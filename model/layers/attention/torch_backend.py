@@ -231,15 +231,18 @@ def _decode_sdpa(
     return out.view(num_seqs, num_heads, head_dim)
 
 
-def lone_decode_first_slot(meta: AttentionMetadata) -> int | None:
-    """The first slot of the context of a step that decodes one sequence whose blocks are
-    consecutive in the pool (what lone_decode_attention reads), else None."""
-    if meta.query_lens_list != [1]:
-        return None
-    plan = meta._plan
-    if plan is None:
-        plan = meta._plan = _make_plan(meta, meta.slot_mapping.device)
-    return plan.decode_first_slot
+def is_lone_decode(meta: AttentionMetadata) -> bool:
+    """Whether the step decodes one sequence (one new token over its cached context)."""
+    return meta.query_lens_list == [1]
+
+
+def lone_decode_context_slots(meta: AttentionMetadata) -> torch.Tensor:
+    """[seq_len] the pool slots of a lone decoding sequence's context, in order."""
+    block_size = meta.block_size
+    ctx_len = meta.seq_lens_list[0]
+    blocks = meta.block_tables[0, : -(-ctx_len // block_size)].long()
+    offsets = torch.arange(block_size, device=blocks.device)
+    return (blocks[:, None] * block_size + offsets).view(-1)[:ctx_len]
 
 
 def lone_decode_attention(
@@ -251,19 +254,19 @@ def lone_decode_attention(
     k_base: int,
     v_base: int,
     slot: torch.Tensor,
-    first: int,
-    ctx_len: int,
+    ctx_slots: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """The torch backend's decode of one sequence whose context is consecutive in the pool, from
-    tensors and ints only (LlamaForCausalLM.forward_lone_decode, which the CPU compiles).
+    """The torch backend's decode of one sequence, from tensors and ints only
+    (LlamaForCausalLM.forward_lone_decode, which the CPU compiles).
 
     q: [1, n_heads, hd], k/v: [1, n_kv, hd]; kv_slots: the pool as [slots, n_kv, hd], this
     layer's K slots from k_base and V slots from v_base; slot: [1], the new token's slot within
-    them; the context is slots first .. first + ctx_len - 1. Returns [1, n_heads, hd].
+    them; ctx_slots: [ctx_len], its context's (the new token's included). Returns
+    [1, n_heads, hd].
     """
     kv_slots.index_copy_(0, slot + k_base, k)
     kv_slots.index_copy_(0, slot + v_base, v)
-    ctx_k = kv_slots[k_base + first : k_base + first + ctx_len].unsqueeze(0)
-    ctx_v = kv_slots[v_base + first : v_base + first + ctx_len].unsqueeze(0)
+    ctx_k = kv_slots.index_select(0, ctx_slots + k_base).unsqueeze(0)
+    ctx_v = kv_slots.index_select(0, ctx_slots + v_base).unsqueeze(0)
     return _decode_sdpa(q, ctx_k, ctx_v, None, scale)

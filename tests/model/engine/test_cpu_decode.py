@@ -9,25 +9,26 @@ import torch
 
 from model.engine.cpu_decode import CompiledLoneDecode
 from model.layers.attention.metadata import build_attention_metadata
-from model.layers.attention.torch_backend import lone_decode_first_slot
+from model.layers.attention.torch_backend import is_lone_decode, lone_decode_context_slots
 from model.models.loader import load_model
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 24
 PROMPT_LEN = 37
 DECODE_STEPS = 40  # crosses two block boundaries
-FIRST_BLOCK = 9  # the sequence's blocks: 9, 10, ...
 
 
 def meta_of(seq_lens, query_lens, tables):
     return build_attention_metadata(seq_lens, query_lens, tables, BLOCK_SIZE, "cpu")
 
 
-def test_lone_decode_needs_one_decoding_sequence_in_consecutive_blocks():
-    assert lone_decode_first_slot(meta_of([40], [1], [[3, 4, 5]])) == 3 * BLOCK_SIZE
-    assert lone_decode_first_slot(meta_of([40], [1], [[3, 7, 5]])) is None  # scattered
-    assert lone_decode_first_slot(meta_of([40, 9], [1, 1], [[3, 4, 5], [6]])) is None  # two
-    assert lone_decode_first_slot(meta_of([40], [4], [[3, 4, 5]])) is None  # a prefill chunk
+def test_lone_decodes_and_their_context_slots():
+    assert is_lone_decode(meta_of([40], [1], [[3, 4, 5]]))
+    assert not is_lone_decode(meta_of([40, 9], [1, 1], [[3, 4, 5], [6]]))  # two sequences
+    assert not is_lone_decode(meta_of([40], [4], [[3, 4, 5]]))  # a prefill chunk
+    scattered = meta_of([40], [1], [[3, 7, 5]])
+    want = [b * BLOCK_SIZE + i for b in (3, 7, 5) for i in range(BLOCK_SIZE)][:40]
+    assert lone_decode_context_slots(scattered).tolist() == want
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +45,45 @@ def new_pool(model) -> torch.Tensor:
     return torch.zeros(*shape, config.num_key_value_heads, config.head_dim)
 
 
-@torch.inference_mode()
-def test_compiled_steps_match_the_eager_ones_with_one_graph(int4_model):
-    """A prompt prefilled eagerly, then DECODE_STEPS teacher-forced decode steps, each run by the
-    compiled step on one pool and the eager step on a copy: the same hidden states and greedy
-    choices, and no compile after the warm-up's, whatever the length and slot."""
+# Block tables: consecutive from block 0 (the first conversation after start), consecutive
+# further on, and scattered (a conversation that shares only a cached prefix).
+TABLES = {
+    "from block 0": list(range(5)),
+    "consecutive": list(range(9, 14)),
+    "scattered": [17, 3, 20, 6, 11],
+}
+
+
+@pytest.fixture(scope="module")
+def compiled(int4_model):
+    """A CompiledLoneDecode over its own pool, and the compile counter after its warm-up."""
     from torch._dynamo.utils import counters
 
-    model = int4_model
-    compiled_pool = new_pool(model)
-    lone = CompiledLoneDecode(model, compiled_pool, BLOCK_SIZE)
+    pool = new_pool(int4_model)
+    lone = CompiledLoneDecode(int4_model, pool, BLOCK_SIZE)
     assert lone.compile(), "the decode step did not compile"
-    graphs = counters["stats"]["unique_graphs"]
-    assert not compiled_pool.any()  # the warm-up leaves the pool as it found it
+    assert not pool.any()  # the warm-up leaves the pool as it found it
+    return lone, counters["stats"]["unique_graphs"]
 
-    tokens = torch.randint(
-        100, 30000, (PROMPT_LEN + DECODE_STEPS,), generator=torch.Generator().manual_seed(5)
-    )
-    num_blocks = -(-(PROMPT_LEN + DECODE_STEPS) // BLOCK_SIZE)
-    table = list(range(FIRST_BLOCK, FIRST_BLOCK + num_blocks))
+
+@pytest.mark.parametrize("table", TABLES)
+@torch.inference_mode()
+def test_compiled_steps_match_the_eager_ones_without_a_new_graph(int4_model, compiled, table):
+    """A prompt prefilled eagerly, then DECODE_STEPS teacher-forced decode steps, each run by the
+    compiled step on one pool and the eager step on a copy: the same hidden states and greedy
+    choices, and no compile after the warm-up's, whatever the length, slot or block layout."""
+    from torch._dynamo.utils import counters
+
+    model, (lone, graphs) = int4_model, compiled
+    table = TABLES[table]
+    pool = lone.kv_cache
+    pool.zero_()
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(100, 30000, (PROMPT_LEN + DECODE_STEPS,), generator=generator)
+    assert len(table) * BLOCK_SIZE >= PROMPT_LEN + DECODE_STEPS
     prefill = meta_of([PROMPT_LEN], [PROMPT_LEN], [table])
-    model(tokens[:PROMPT_LEN], torch.arange(PROMPT_LEN), compiled_pool, prefill)
-    eager_pool = compiled_pool.clone()
+    model(tokens[:PROMPT_LEN], torch.arange(PROMPT_LEN), pool, prefill)
+    eager_pool = pool.clone()
     worst, flips = 0.0, []
     for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
         meta = meta_of([pos + 1], [1], [table])
@@ -83,7 +101,7 @@ def test_compiled_steps_match_the_eager_ones_with_one_graph(int4_model):
     assert all(margin < 0.1 for margin in flips), flips
     assert len(flips) <= 1, flips
     assert counters["stats"]["unique_graphs"] == graphs  # no recompile
-    torch.testing.assert_close(compiled_pool, eager_pool, rtol=0, atol=0.3)
+    torch.testing.assert_close(pool, eager_pool, rtol=0, atol=0.3)
 
 
 def test_a_step_that_does_not_compile_stays_eager(int4_model, monkeypatch):
