@@ -112,6 +112,7 @@ def build_engine(
             kv_cache_memory_bytes=kv_bytes,
             gpu_memory_utilization=args.gpu_memory_utilization,
             cpu_packed_weights=not args.plain_linear,
+            enforce_eager=args.enforce_eager,
             quantization=quantization,
         )
     )
@@ -363,6 +364,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plain-linear",
         action="store_true",
         help="CPU: F.linear on the stored weights instead of oneDNN-packed ones",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs; CPU: no compiled decode step of one sequence",
     )
     p.add_argument(
         "--quantization",
