@@ -1,16 +1,18 @@
 """The CPU decode step of one sequence, compiled once with torch.compile.
 
 A batch-1 decode step of a small quantized model on the CPU is mostly the ~1,300 small ops
-around its matmuls, each paying torch's dispatch: on the default model (int4, 2 cores) its
-layers took 7.8 ms a step, the int4 matmuls about 5 of them. Compiled, each layer's norms, RoPE,
-SiLU, casts and KV writes become a few fused C++ loops, the matmuls and attention stay torch's
-kernels, and one call runs all 30 layers: 5.4 ms for the same layers.
+around its matmuls, each paying torch's dispatch: on the default model (int4, 2 cores) a step
+took 11.0 ms, the int4 matmuls about 5 of them. Compiled, each layer's norms, RoPE, SiLU, casts
+and KV writes become a few fused C++ loops, the matmuls and attention stay torch's kernels, and
+one call from a C++ wrapper runs all 30 layers: 6.9 ms a step (bench/engine_bench.py
+--quantization int4 --parts decode --decode-batches 1 --no-hf, with and without
+--enforce-eager).
 
 What is compiled is `LlamaForCausalLM.forward_lone_decode`: the model's own layers, with the
 torch backend's decode of one sequence whose context is gathered from its slots. Every step that
 decodes one sequence runs it; the others (prefill chunks, batches) run the model eagerly. Shapes
 are dynamic, so one graph serves every context length. Inductor keeps what it compiled on disk
-($TORCHINDUCTOR_CACHE_DIR, default $NANOSERVE_HOME/inductor): the compile at load takes ~35 s
+($TORCHINDUCTOR_CACHE_DIR, default $NANOSERVE_HOME/inductor): the compile at load takes ~60 s
 the first time and ~15 s after (2-core Xeon). It runs before the server says it is ready, and
 is checked against the eager step; where it fails (no C++ compiler, say) or disagrees, the eager
 step stays.
@@ -38,6 +40,9 @@ logger = logging.getLogger("nanoserve.cpu_decode")
 # a quantized kernel (seen: 1.1% of the largest hidden value after all layers; a wrong graph is off
 # by its whole size).
 _TOLERANCE = 5e-2
+# A C++ wrapper calls the graph's kernels: the Python one (with its size checks) took 1.2 ms of
+# a 8.0 ms step (6.8 ms with this), at the cost of a longer first compile (~60 s against ~30).
+INDUCTOR_OPTIONS = {"cpp_wrapper": True}
 CHECK_LENGTHS = (19, 37)  # context lengths of the warm-up steps (2 and 3 blocks of 16)
 
 
@@ -84,7 +89,12 @@ class CompiledLoneDecode:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
         t0 = time.perf_counter()
         try:
-            fn = torch.compile(self.model.forward_lone_decode, dynamic=True, fullgraph=True)
+            fn = torch.compile(
+                self.model.forward_lone_decode,
+                dynamic=True,
+                fullgraph=True,
+                options=INDUCTOR_OPTIONS,
+            )
             for ctx_len in CHECK_LENGTHS:
                 if not self._check(fn, ctx_len):
                     logger.warning("compiled decode step disagrees with the eager one; not used")
