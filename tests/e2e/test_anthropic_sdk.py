@@ -86,6 +86,7 @@ def test_tool_use_round_trip(claude: anthropic.Anthropic, server: ServerProcess)
         messages=ask,
         tools=[WEATHER],
         tool_choice={"type": "tool", "name": "get_weather"},
+        extra_body=GREEDY,  # sampled, the city could run past max_tokens
     )
     assert msg.stop_reason == "tool_use"
     (call,) = [b for b in msg.content if b.type == "tool_use"]
@@ -115,6 +116,7 @@ def test_streamed_tool_use(claude: anthropic.Anthropic, server: ServerProcess) -
         messages=[{"role": "user", "content": "Weather in Rome?"}],
         tools=[WEATHER],
         tool_choice={"type": "any"},
+        extra_body=GREEDY,  # sampled (temperature 1), 3 answers in 40 made a second call
     ) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_message()

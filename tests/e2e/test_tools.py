@@ -50,6 +50,7 @@ def test_a_forced_call_round_trip_keeps_its_history(
         tools=[WEATHER_TOOL],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         max_tokens=64,
+        temperature=0,  # sampled, the arguments could run past max_tokens
     )
     choice = forced.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -84,6 +85,7 @@ def test_a_streamed_call_arrives_in_pieces_as_openai_sends_them(
         tools=[WEATHER_TOOL],
         tool_choice="required",
         max_tokens=64,
+        temperature=0,  # sampled, a second call could follow (index 1)
         stream=True,
     )
     chunks = list(stream)
