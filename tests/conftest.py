@@ -13,6 +13,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Engines built in the tests share inductor's cache with the servers they start (server/cli.py).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    from model.hub.default_model import nanoserve_home
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(nanoserve_home() / "inductor")
+
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:

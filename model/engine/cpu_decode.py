@@ -12,8 +12,8 @@ What is compiled is `LlamaForCausalLM.forward_lone_decode`: the model's own laye
 torch backend's decode of one sequence whose context is gathered from its slots. Every step that
 decodes one sequence runs it; the others (prefill chunks, batches) run the model eagerly. Shapes
 are dynamic, so one graph serves every context length. Inductor keeps what it compiled on disk
-($TORCHINDUCTOR_CACHE_DIR, default $NANOSERVE_HOME/inductor): the compile at load takes ~60 s
-the first time and ~15 s after (2-core Xeon). It runs before the server says it is ready, and
+($TORCHINDUCTOR_CACHE_DIR; `nanoserve` sets it to $NANOSERVE_HOME/inductor): the compile at load
+takes ~60 s the first time and ~15 s after (2-core Xeon). It runs before the server says it is ready, and
 is checked against the eager step; where it fails (no C++ compiler, say) or disagrees, the eager
 step stays.
 """
@@ -21,7 +21,6 @@ step stays.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
@@ -44,12 +43,6 @@ _TOLERANCE = 5e-2
 # a 8.0 ms step (6.8 ms with this), at the cost of a longer first compile (~60 s against ~30).
 INDUCTOR_OPTIONS = {"cpp_wrapper": True}
 CHECK_LENGTHS = (19, 37)  # context lengths of the warm-up steps (2 and 3 blocks of 16)
-
-
-def inductor_cache_dir() -> str:
-    """Where inductor keeps compiled code: $TORCHINDUCTOR_CACHE_DIR, else under NANOSERVE_HOME."""
-    home = os.environ.get("NANOSERVE_HOME") or os.path.expanduser("~/.cache/nanoserve")
-    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(home, "inductor")
 
 
 class CompiledLoneDecode:
@@ -86,7 +79,6 @@ class CompiledLoneDecode:
         """Compile, checking two steps against the eager step on a made-up sequence in the pool's
         first blocks (the pool is empty at load: nothing is lost). False, and the eager step
         stays, on failure."""
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
         t0 = time.perf_counter()
         try:
             fn = torch.compile(
