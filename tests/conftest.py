@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,12 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     from model.hub.default_model import nanoserve_home
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(nanoserve_home() / "inductor")
+
+
+def has_cxx_compiler() -> bool:
+    """Whether torch.compile's CPU backend has a C++ compiler to run (else nanoserve's compiled
+    decode step stays eager, and the tests that check it skip)."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
 
 
 @pytest.fixture(scope="session")

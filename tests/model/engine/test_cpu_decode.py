@@ -11,6 +11,7 @@ from model.engine.cpu_decode import CompiledLoneDecode
 from model.layers.attention.metadata import build_attention_metadata
 from model.layers.attention.torch_backend import is_lone_decode, lone_decode_context_slots
 from model.models.loader import load_model
+from tests.conftest import has_cxx_compiler
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 24
@@ -59,6 +60,8 @@ def compiled(int4_model):
     """A CompiledLoneDecode over its own pool, and the compile counter after its warm-up."""
     from torch._dynamo.utils import counters
 
+    if not has_cxx_compiler():
+        pytest.skip("no C++ compiler for torch.compile")
     pool = new_pool(int4_model)
     lone = CompiledLoneDecode(int4_model, pool, BLOCK_SIZE)
     assert lone.compile(), "the decode step did not compile"

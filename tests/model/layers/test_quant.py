@@ -28,6 +28,7 @@ from model.layers.quant import (
 from model.models.llama import LlamaForCausalLM
 from model.models.loader import load_model
 from model.text.tokenizer import Tokenizer
+from tests.conftest import has_cxx_compiler
 
 MODES = ["int8", "int4"]
 # (out, in): the default model's projections in miniature, a bias-free LM-head-like tall one.
@@ -478,7 +479,8 @@ def test_int4_engine_greedy_text_follows_its_dequantized_weights(
         for q in GREEDY_QUESTIONS
     ]
     params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
-    assert engine.runner.lone_decode is not None  # model/engine/cpu_decode.py compiled
+    # model/engine/cpu_decode.py compiled (where torch.compile has a C++ compiler)
+    assert engine.runner.lone_decode is not None or not has_cxx_compiler()
     alone = [engine.generate([prompt], params)[0] for prompt in prompts]
     together = engine.generate(prompts, params)
     margins = []
