@@ -13,9 +13,9 @@ torch backend's decode of one sequence whose context is gathered from its slots.
 decodes one sequence runs it; the others (prefill chunks, batches) run the model eagerly. Shapes
 are dynamic, so one graph serves every context length. Inductor keeps what it compiled on disk
 ($TORCHINDUCTOR_CACHE_DIR; `nanoserve` sets it to $NANOSERVE_HOME/inductor): the compile at load
-takes ~60 s the first time and ~15 s after (2-core Xeon). It runs before the server says it is ready, and
-is checked against the eager step; where it fails (no C++ compiler, say) or disagrees, the eager
-step stays.
+takes ~60 s the first time and ~15 s after (2-core Xeon). It runs before the server says it is
+ready, and is checked against the eager step; where it fails (no C++ compiler, say) or
+disagrees, the eager step stays.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ logger = logging.getLogger("nanoserve.cpu_decode")
 # by its whole size).
 _TOLERANCE = 5e-2
 # A C++ wrapper calls the graph's kernels: the Python one (with its size checks) took 1.2 ms of
-# a 8.0 ms step (6.8 ms with this), at the cost of a longer first compile (~60 s against ~30).
+# an 8.0 ms step (6.8 ms with this), at the cost of a longer first compile (~60 s against ~30).
 INDUCTOR_OPTIONS = {"cpp_wrapper": True}
 CHECK_LENGTHS = (19, 37)  # context lengths of the warm-up steps (2 and 3 blocks of 16)
 
