@@ -360,11 +360,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from model.hub.default_model import nanoserve_home
+    from model.hub.default_model import inductor_cache_dir
 
-    # Inductor's compiled code (the CPU's compiled decode step) beside the models, kept across
-    # reboots, unless the variable says otherwise.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(nanoserve_home() / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
     level = getattr(args, "log_level", "warning")
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
 
 # Engines built in the tests share inductor's cache with the servers they start (server/cli.py).
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    from model.hub.default_model import nanoserve_home
+    from model.hub.default_model import inductor_cache_dir
 
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(nanoserve_home() / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
 
 
 def has_cxx_compiler() -> bool:

@@ -45,6 +45,12 @@ def nanoserve_home() -> Path:
     return Path(home).expanduser() if home else Path.home() / ".cache" / "nanoserve"
 
 
+def inductor_cache_dir() -> Path:
+    """Where `nanoserve` keeps torch inductor's compiled code (the CPU's compiled decode step)
+    unless TORCHINDUCTOR_CACHE_DIR says otherwise: beside the models, kept across reboots."""
+    return nanoserve_home() / "inductor"
+
+
 def default_model_dir() -> Path:
     """Where the default model lives once pulled (it may not exist yet)."""
     return nanoserve_home() / "models" / DEFAULT_MODEL_NAME
